@@ -1,0 +1,276 @@
+"""The dependency graph of a model, built once per structure, and all-or-nothing structural pruning.
+
+:class:`PruningGraph` wraps torch-pruning's ``DependencyGraph`` and fixes what bites in practice:
+
+* tracing switches the model to ``eval()`` and never switches it back: we restore every module's mode;
+* tracing needs grad mode on and inputs on the model's device/dtype: we take care of both;
+* channels that reach the model's output are never prunable, so the output shape never changes;
+* a failure in the middle of applying a plan restores every touched module (no half-pruned model);
+* the pruning history is kept as plain data (module names, flags, indices) for checkpoints and replay.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+from torch_pruning import ops as tp_ops
+
+from lightning_hprune.core.optim_state import ParameterSurgery, record_parameter_surgery
+
+
+class PruningError(RuntimeError):
+    """A pruning step failed; the model was restored to its state before the step."""
+
+
+@contextmanager
+def preserved_modes(model: nn.Module) -> Iterator[None]:
+    """Restore every submodule's ``training`` flag on exit (torch-pruning's tracing calls ``eval()``)."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+class ModuleSnapshot:
+    """A zero-copy snapshot of every module's attributes, parameters, buffers and children.
+
+    torch-pruning *replaces* tensors and attributes rather than editing them in place, so restoring the
+    saved references undoes a partial prune without copying any weight.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self._saved: list[tuple[nn.Module, dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any]]] = [
+            (m, dict(m.__dict__), dict(m._parameters), dict(m._buffers), dict(m._modules))
+            for m in model.modules()
+        ]
+
+    def restore(self) -> None:
+        """Put every module back exactly as it was when the snapshot was taken."""
+        for m, attrs, params, buffers, modules in self._saved:
+            m.__dict__.clear()
+            m.__dict__.update(attrs)
+            m._parameters = dict(params)
+            m._buffers = dict(buffers)
+            m._modules = dict(modules)
+
+
+def move_to(obj: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
+    """Move tensors nested in tuples/lists/dicts to ``device`` (floating tensors also to ``dtype``)."""
+    if isinstance(obj, torch.Tensor):
+        if dtype is not None and obj.is_floating_point():
+            return obj.to(device=device, dtype=dtype)
+        return obj.to(device)
+    if isinstance(obj, Mapping):
+        return {k: move_to(v, device, dtype) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(move_to(v, device, dtype) for v in obj)
+    return obj
+
+
+def model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """The device and floating dtype of the model's first parameter (CPU/float32 if it has none)."""
+    for p in model.parameters():
+        return p.device, p.dtype
+    return torch.device("cpu"), torch.float32
+
+
+def call_model(model: nn.Module, example_inputs: Any) -> Any:
+    """Call ``model`` the way Lightning's ``example_input_array`` convention does (tuple -> *args, dict -> **kwargs)."""
+    if isinstance(example_inputs, Mapping):
+        return model(**example_inputs)
+    if isinstance(example_inputs, tuple):
+        return model(*example_inputs)
+    return model(example_inputs)
+
+
+def match_modules(model: nn.Module, patterns: Sequence[str]) -> dict[str, list[str]]:
+    """Map each glob pattern (``fnmatch``) to the module names it matches."""
+    names = [n for n, _ in model.named_modules() if n]
+    return {p: [n for n in names if fnmatch.fnmatchcase(n, p)] for p in patterns}
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """A set of coupled channels that must be pruned together (one torch-pruning group).
+
+    Attributes:
+        name: name of the group's root module (its output channels index the group).
+        size: number of channels.
+        modules: names of every module the group touches.
+        group: the torch-pruning group with full indices (for criteria).
+    """
+
+    name: str
+    size: int
+    modules: tuple[str, ...]
+    group: Any
+
+
+class PruningGraph:
+    """torch-pruning's dependency graph over ``model``, rebuilt only when the structure changes.
+
+    Args:
+        model: the module to prune (pruned in place).
+        example_inputs: inputs for tracing (tensor, tuple of positional args, or dict of kwargs).
+        ignored_layers: modules whose *output* width must never change.
+    """
+
+    #: Number of dependency-graph builds in this process (lets tests and benchmarks check rebuild counts).
+    builds: int = 0
+
+    def __init__(self, model: nn.Module, example_inputs: Any, ignored_layers: Sequence[nn.Module] = ()) -> None:
+        self.model = model
+        self.example_inputs = example_inputs
+        self.ignored_layers = list(ignored_layers)
+        self.history: list[dict[str, Any]] = []
+        self._dg: Any = None
+        self.rebuild()
+
+    # ------------------------------------------------------------------ building
+    def rebuild(self) -> None:
+        """(Re)trace the model; the model's train/eval modes and grad state are left as they were."""
+        device, dtype = model_device_dtype(self.model)
+        inputs = move_to(self.example_inputs, device, dtype)
+        with preserved_modes(self.model), torch.enable_grad():
+            try:
+                self._dg = tp.DependencyGraph().build_dependency(
+                    self.model, example_inputs=inputs, forward_fn=_forward_fn, verbose=False
+                )
+            except Exception as err:  # torch-pruning raises many kinds of errors while tracing
+                raise PruningError(
+                    f"torch-pruning could not trace {type(self.model).__name__}: {type(err).__name__}: {err}. "
+                    "Exclude the module that fails with `ignored_layers`, or set `example_input_array` to "
+                    "inputs the model's forward accepts."
+                ) from err
+        PruningGraph.builds += 1
+        self._module2name = {m: n for n, m in self.model.named_modules()}
+
+    # ------------------------------------------------------------------ groups
+    def groups(self) -> list[ChannelGroup]:
+        """Every prunable channel group: never one that reaches the model's output or an ignored layer's output."""
+        out: list[ChannelGroup] = []
+        with preserved_modes(self.model):
+            for group in self._dg.get_all_groups(ignored_layers=list(self.ignored_layers)):
+                if any(self._reaches_output(dep) for dep, _ in group):
+                    continue
+                root = group[0].dep.target.module
+                name = self._module2name.get(root)
+                if name is None:
+                    continue
+                modules = tuple(
+                    dict.fromkeys(
+                        self._module2name[dep.target.module]
+                        for dep, _ in group
+                        if dep.target.module in self._module2name
+                    )
+                )
+                out.append(ChannelGroup(name=name, size=len(group[0].idxs), modules=modules, group=group))
+        return out
+
+    def _reaches_output(self, dep: Any) -> bool:
+        # A node without consumers produces (part of) the model's output: its output width is fixed.
+        node = dep.target
+        if node.type == tp_ops.OPTYPE.OUTPUT:
+            return True
+        return not node.outputs and self._dg.is_out_channel_pruning_fn(dep.handler)
+
+    def _root(self, name: str) -> nn.Module:
+        return self.model.get_submodule(name)
+
+    # ------------------------------------------------------------------ pruning
+    def prune(self, removals: Mapping[str, Sequence[int]]) -> ParameterSurgery:
+        """Remove channels, all or nothing.
+
+        Args:
+            removals: group root name -> channel indices (in the group's current numbering) to remove.
+
+        Returns:
+            The parameter surgery (old -> new parameters, kept indices) for optimizer remapping.
+
+        Raises:
+            PruningError: the plan is invalid or applying it failed; the model is unchanged.
+        """
+        current = {g.name: g for g in self.groups()}
+        for name, idxs in removals.items():
+            if name not in current:
+                raise PruningError(f"Cannot prune group {name!r}: it is not a prunable group of the model.")
+            size = current[name].size
+            bad = [i for i in idxs if not 0 <= int(i) < size]
+            if bad:
+                raise PruningError(f"Cannot prune group {name!r}: indices {bad[:5]} outside [0, {size}).")
+            if len(set(map(int, idxs))) >= size:
+                raise PruningError(f"Cannot prune group {name!r}: the plan removes all {size} channels.")
+        snapshot = ModuleSnapshot(self.model)
+        n_hist = len(self.history)
+        try:
+            with record_parameter_surgery() as surgery, preserved_modes(self.model):
+                for name, idxs in removals.items():
+                    if len(idxs) == 0:
+                        continue
+                    plain = sorted({int(i) for i in idxs})
+                    self._prune_root(name, plain)
+                    self.history.append({"op": "channels", "module": name, "idxs": plain})
+        except Exception as err:
+            snapshot.restore()
+            del self.history[n_hist:]
+            self.rebuild()
+            raise PruningError(
+                f"Applying the pruning plan failed ({type(err).__name__}: {err}); the model was restored "
+                "to its state before this pruning step."
+            ) from err
+        return surgery
+
+    def _prune_root(self, name: str, idxs: list[int]) -> None:
+        module = self._root(name)
+        pruner = self._dg.get_pruner_of_module(module)
+        group = self._dg.get_pruning_group(module, pruner.prune_out_channels, idxs)
+        group.prune(record_history=False)
+
+    def replace_with_identity(self, names: Sequence[str]) -> None:
+        """Replace whole modules (blocks, layers) by ``nn.Identity`` and rebuild the graph, all or nothing."""
+        snapshot = ModuleSnapshot(self.model)
+        n_hist = len(self.history)
+        try:
+            for name in names:
+                _set_submodule(self.model, name, nn.Identity())
+                self.history.append({"op": "identity", "module": name})
+            self.rebuild()
+        except Exception as err:
+            snapshot.restore()
+            del self.history[n_hist:]
+            self.rebuild()
+            raise PruningError(
+                f"Removing blocks {list(names)} failed ({type(err).__name__}: {err}); the model was restored."
+            ) from err
+
+    def replay(self, history: Sequence[Mapping[str, Any]]) -> None:
+        """Re-apply a recorded pruning history to an unpruned model of the same architecture."""
+        for step in history:
+            op = step.get("op")
+            if op == "channels":
+                self.prune({str(step["module"]): [int(i) for i in step["idxs"]]})
+            elif op == "identity":
+                self.replace_with_identity([str(step["module"])])
+            else:
+                raise PruningError(f"Unknown step in pruning history: {dict(step)!r}.")
+
+
+def _forward_fn(model: nn.Module, example_inputs: Any) -> Any:
+    return call_model(model, example_inputs)
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if child not in parent._modules:
+        raise PruningError(f"Module {name!r} does not exist in the model.")
+    parent._modules[child] = new
