@@ -35,6 +35,7 @@ def restore_structure(
 
     Returns:
         The dependency graph of the pruned model, or ``None`` when the checkpoint records no pruning.
+
     """
     state = find_pruning_state(checkpoint)
     if not state or not state.get("history"):

@@ -23,7 +23,7 @@ from typing_extensions import override
 from lightning_hprune.checkpoint import STATE_MARKER, restore_structure
 from lightning_hprune.core.cost import COSTS
 from lightning_hprune.core.engine import EventResult, run_event
-from lightning_hprune.core.graph import PruningError, PruningGraph, match_modules, preserved_modes
+from lightning_hprune.core.graph import PruningGraph, match_modules, preserved_modes
 from lightning_hprune.core.importance import Importance, resolve_importance
 from lightning_hprune.core.levels import Level
 from lightning_hprune.core.measure import count_macs, count_params, measure_latency
@@ -45,12 +45,12 @@ _REFUSED_STRATEGIES = {
 }
 
 
-def example_from_batch(batch: Any) -> Any:
+def model_input_from_batch(batch: Any) -> torch.Tensor | None:
     """The documented rule for finding the model input in a training batch.
 
     A tensor is the input; for a tuple or list, its first element; for a dict, the value under ``"x"``,
     ``"input"``, ``"inputs"``, ``"input_ids"`` or ``"image"`` (a dict of several model inputs must be given as
-    ``example_input_array``). Only the first sample is kept, on the CPU.
+    ``example_input_array``). Returns ``None`` when no input tensor is found.
     """
     x: Any = batch
     if isinstance(batch, (tuple, list)) and batch:
@@ -59,7 +59,13 @@ def example_from_batch(batch: Any) -> Any:
         x = next((batch[k] for k in ("x", "input", "inputs", "input_ids", "image") if k in batch), None)
     if not isinstance(x, torch.Tensor) or x.dim() == 0:
         return None
-    return x[:1].detach().cpu().clone()
+    return x
+
+
+def example_from_batch(batch: Any) -> Any:
+    """The first sample of the batch's model input (see :func:`model_input_from_batch`), on the CPU."""
+    x = model_input_from_batch(batch)
+    return None if x is None else x[:1].detach().cpu().clone()
 
 
 def _first_sample(example: Any) -> Any:
@@ -94,6 +100,7 @@ class PruningCallback(Callback):
         measure_latency: bool = True,
         latency_batch_size: int = 32,
         tolerance: float = 0.002,
+        calibration_batches: int = 4,
         verbose: bool = True,
     ) -> None:
         super().__init__()
@@ -118,6 +125,7 @@ class PruningCallback(Callback):
         self.measure_latency = bool(measure_latency)
         self.latency_batch_size = check_int("latency_batch_size", latency_batch_size, minimum=1)
         self.tolerance = check_fraction("tolerance", tolerance)
+        self.calibration_batches = check_int("calibration_batches", calibration_batches, minimum=0)
         self.verbose = verbose
 
         # checkpointed state
@@ -132,6 +140,10 @@ class PruningCallback(Callback):
         self._graph: PruningGraph | None = None
         self._end_epoch: int | None = self.end_epoch
         self._patched_module: pl.LightningModule | None = None
+        #: The model inputs of the last ``calibration_batches`` training batches of an event epoch (CPU);
+        #: levels and criteria that need data (block scores, activations) use them, so no extra passes
+        #: over the data loader are made.
+        self.calibration: list[Any] = []
 
     # ------------------------------------------------------------------ identity & state
     @property
@@ -182,7 +194,9 @@ class PruningCallback(Callback):
                     f"{name}."
                 )
         if not pl_module.automatic_optimization and len(trainer.optimizers or []) > 1:
-            rank_zero_warn("Manual optimization: every optimizer returned by configure_optimizers is re-bound.")
+            rank_zero_warn(
+                "Manual optimization: every optimizer returned by configure_optimizers is re-bound."
+            )
         unmatched = [p for p, names in match_modules(pl_module, self.ignored_layers).items() if not names]
         if unmatched:
             raise ValueError(
@@ -221,7 +235,9 @@ class PruningCallback(Callback):
         def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
             state = (checkpoint.get("callbacks") or {}).get(callback.state_key)
             if state and state.get("history") and not callback.history and callback._graph is None:
-                graph = restore_structure(pl_module, {"callbacks": {callback.state_key: state}}, callback._ignored(pl_module))
+                graph = restore_structure(
+                    pl_module, {"callbacks": {callback.state_key: state}}, callback._ignored(pl_module)
+                )
                 callback._graph = graph
             original(checkpoint)
 
@@ -252,7 +268,9 @@ class PruningCallback(Callback):
 
     # ------------------------------------------------------------------ hooks
     @override
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self.example_input is None:
             if pl_module.example_input_array is not None:
                 self.example_input = _first_sample(pl_module.example_input_array)
@@ -266,6 +284,11 @@ class PruningCallback(Callback):
                         f"'x'/'input'/'inputs'/'input_ids'/'image' tensor; but got a batch of type "
                         f"{type(batch).__name__} and example_input_array=None."
                     )
+        if self.calibration_batches and self.is_event_epoch(trainer.current_epoch):
+            x = model_input_from_batch(batch)
+            if x is not None:
+                self.calibration.append(x.detach().cpu())
+                del self.calibration[: -self.calibration_batches]
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -340,9 +363,11 @@ class PruningCallback(Callback):
                 self.round_to,
                 self.tolerance * dense,
                 agree=lambda removals: trainer.strategy.broadcast(removals, src=0),
+                calibration=list(self.calibration),
             )
         self._rebind(trainer, pl_module, result)
         self.importance.reset()
+        self.calibration.clear()
         self.event_index += 1
         self._log_event(trainer, pl_module, k, fraction, metric, result)
 
@@ -355,7 +380,9 @@ class PruningCallback(Callback):
                 rank_zero_warn(f"{type(self).__name__}: {p}.")
         strategy = trainer.strategy
         wrapper = strategy.model
-        if isinstance(wrapper, torch.nn.parallel.DistributedDataParallel) and hasattr(strategy, "_setup_model"):
+        if isinstance(wrapper, torch.nn.parallel.DistributedDataParallel) and hasattr(
+            strategy, "_setup_model"
+        ):
             strategy.model = strategy._setup_model(pl_module)
 
     # ------------------------------------------------------------------ logging
@@ -381,7 +408,12 @@ class PruningCallback(Callback):
             "event_ratio": 1.0 - after[self.cost] / prev_cost if prev_cost else 0.0,
             "event_time_s": result.seconds,
             "levels": [
-                {"level": r.level, "removed": dict(r.removed), "cost_before": r.cost_before, "cost_after": r.cost_after}
+                {
+                    "level": r.level,
+                    "removed": dict(r.removed),
+                    "cost_before": r.cost_before,
+                    "cost_after": r.cost_after,
+                }
                 for r in result.levels
             ],
         }
@@ -446,7 +478,9 @@ class PruningCallback(Callback):
     def _structure(self, pl_module: pl.LightningModule) -> dict[str, Any]:
         now = {g.name: g.size for g in self._graph.groups()} if self._graph is not None else {}
         return {
-            "widths": {n: {"before": self.original_size.get(n), "after": now.get(n)} for n in self.original_size},
+            "widths": {
+                n: {"before": self.original_size.get(n), "after": now.get(n)} for n in self.original_size
+            },
             "removed_modules": [h["module"] for h in self.history_steps() if h.get("op") == "identity"],
         }
 

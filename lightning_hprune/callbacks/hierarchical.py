@@ -37,12 +37,15 @@ class HierarchicalPruning(PruningCallback):
         measure_latency: measure forward latency at each event (CPU or GPU, wherever the model is).
         latency_batch_size: batch size of the latency measurement.
         tolerance: stop a level when within this fraction of the dense cost above its target.
+        calibration_batches: training batches kept (on the CPU) during event epochs for data-driven levels
+            and criteria.
         verbose: print one line per event and a before/after table at the end.
 
     Example::
 
         trainer = Trainer(max_epochs=10, callbacks=[HierarchicalPruning(target=0.5, monitor="val_acc")])
         trainer.fit(model, datamodule)
+
     """
 
     def __init__(
@@ -62,6 +65,7 @@ class HierarchicalPruning(PruningCallback):
         measure_latency: bool = True,
         latency_batch_size: int = 32,
         tolerance: float = 0.002,
+        calibration_batches: int = 4,
         verbose: bool = True,
     ) -> None:
         super().__init__(
@@ -79,13 +83,16 @@ class HierarchicalPruning(PruningCallback):
             measure_latency=measure_latency,
             latency_batch_size=latency_batch_size,
             tolerance=tolerance,
+            calibration_batches=calibration_batches,
             verbose=verbose,
         )
         if levels is None:
             levels = [GlobalLevel()]
         levels = list(levels)
         if not levels or not all(isinstance(lv, Level) for lv in levels):
-            raise ValueError(f"Expected argument `levels` to be a non-empty list of `Level` objects, but got {levels!r}.")
+            raise ValueError(
+                f"Expected argument `levels` to be a non-empty list of `Level` objects, but got {levels!r}."
+            )
         self.levels = levels
 
     def levels_for_event(self) -> list[Level]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from lightning_hprune.core.cost import build_cost_model, measure_cost
 from lightning_hprune.core.graph import ModuleSnapshot, PruningError, PruningGraph
@@ -45,6 +46,7 @@ def prune_level(
     tolerance: float,
     max_rounds: int = 8,
     agree: Callable[[Removals], Removals] | None = None,
+    calibration: Sequence[Any] = (),
 ) -> tuple[LevelResult, ParameterSurgery]:
     """Prune with ``level`` until the measured cost is at most ``target_cost + tolerance``.
 
@@ -70,6 +72,8 @@ def prune_level(
             cost=build_cost_model(graph, groups, kind),
             original_size=original_size,
             round_to=round_to,
+            model=graph.model,
+            calibration=calibration,
         )
         removals = {k: v for k, v in level.select(ctx, gap).items() if v}
         if agree is not None:
@@ -94,11 +98,13 @@ def run_event(
     round_to: int,
     tolerance: float,
     agree: Callable[[Removals], Removals] | None = None,
+    calibration: Sequence[Any] = (),
 ) -> EventResult:
     """Run ``(level, target cost)`` steps in order, all or nothing.
 
     Raises:
         PruningError: a step failed; the model and the graph's history are as they were before the event.
+
     """
     start = time.perf_counter()
     snapshot = ModuleSnapshot(graph.model)
@@ -108,7 +114,16 @@ def run_event(
     try:
         for level, target_cost in steps:
             res, s = prune_level(
-                graph, level, importance, kind, target_cost, original_size, round_to, tolerance, agree=agree
+                graph,
+                level,
+                importance,
+                kind,
+                target_cost,
+                original_size,
+                round_to,
+                tolerance,
+                agree=agree,
+                calibration=calibration,
             )
             surgery.merge(s)
             results.append(res)

@@ -48,7 +48,9 @@ class ModuleSnapshot:
     """
 
     def __init__(self, model: nn.Module) -> None:
-        self._saved: list[tuple[nn.Module, dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any]]] = [
+        self._saved: list[
+            tuple[nn.Module, dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any]]
+        ] = [
             (m, dict(m.__dict__), dict(m._parameters), dict(m._buffers), dict(m._modules))
             for m in model.modules()
         ]
@@ -107,6 +109,7 @@ class ChannelGroup:
         size: number of channels.
         modules: names of every module the group touches.
         group: the torch-pruning group with full indices (for criteria).
+
     """
 
     name: str
@@ -122,12 +125,15 @@ class PruningGraph:
         model: the module to prune (pruned in place).
         example_inputs: inputs for tracing (tensor, tuple of positional args, or dict of kwargs).
         ignored_layers: modules whose *output* width must never change.
+
     """
 
     #: Number of dependency-graph builds in this process (lets tests and benchmarks check rebuild counts).
     builds: int = 0
 
-    def __init__(self, model: nn.Module, example_inputs: Any, ignored_layers: Sequence[nn.Module] = ()) -> None:
+    def __init__(
+        self, model: nn.Module, example_inputs: Any, ignored_layers: Sequence[nn.Module] = ()
+    ) -> None:
         self.model = model
         self.example_inputs = example_inputs
         self.ignored_layers = list(ignored_layers)
@@ -198,6 +204,7 @@ class PruningGraph:
 
         Raises:
             PruningError: the plan is invalid or applying it failed; the model is unchanged.
+
         """
         current = {g.name: g for g in self.groups()}
         for name, idxs in removals.items():

@@ -49,6 +49,7 @@ class MagnitudeImportance(Importance):
 
     Args:
         p: 1 for L1, 2 for L2.
+
     """
 
     def __init__(self, p: int = 2) -> None:

@@ -11,8 +11,10 @@ import abc
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+import torch.nn as nn
 
 from lightning_hprune.core.cost import CostModel
 from lightning_hprune.core.graph import ChannelGroup
@@ -31,6 +33,9 @@ class SelectionContext:
         cost: marginal cost per channel of every group.
         original_size: width of every group before any pruning (for caps).
         round_to: kept widths are multiples of this.
+        model: the model being pruned.
+        calibration: recent training inputs (CPU tensors) for levels that score on data.
+
     """
 
     groups: Sequence[ChannelGroup]
@@ -38,6 +43,8 @@ class SelectionContext:
     cost: CostModel
     original_size: dict[str, int]
     round_to: int = 1
+    model: nn.Module | None = None
+    calibration: Sequence[Any] = ()
     info: dict[str, float] = field(default_factory=dict)
 
 
@@ -80,6 +87,7 @@ class Level(abc.ABC):
     Args:
         share: this level's share of the overall target when levels are composed.
         max_layer_ratio: no group loses more than this fraction of its original width.
+
     """
 
     name: str = "level"
@@ -112,7 +120,9 @@ class GlobalLevel(Level):
         for g in ctx.groups:
             norm = normalise(ctx.scores[g.name])
             order = torch.argsort(norm, stable=True)
-            floor = min_keep(ctx.original_size.get(g.name, g.size), g.size, self.max_layer_ratio, ctx.round_to)
+            floor = min_keep(
+                ctx.original_size.get(g.name, g.size), g.size, self.max_layer_ratio, ctx.round_to
+            )
             start = 0
             running: list[int] = []
             for size in chunk_sizes(g.size, floor, ctx.round_to):
@@ -162,7 +172,9 @@ class UniformLevel(Level):
     def _at(self, ctx: SelectionContext, ratio: float) -> Removals:
         removals: Removals = {}
         for g in ctx.groups:
-            k = ratio_removal(g.size, ratio, ctx.original_size.get(g.name, g.size), self.max_layer_ratio, ctx.round_to)
+            k = ratio_removal(
+                g.size, ratio, ctx.original_size.get(g.name, g.size), self.max_layer_ratio, ctx.round_to
+            )
             if k:
                 removals[g.name] = lowest(ctx.scores[g.name], k)
         return removals

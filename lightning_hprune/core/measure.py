@@ -26,6 +26,7 @@ class MacsReport:
     Attributes:
         total: multiply-accumulates of the whole forward pass.
         per_module: MACs per module name (parents include their children; ``""`` is the model).
+
     """
 
     total: int

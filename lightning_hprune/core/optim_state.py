@@ -99,6 +99,7 @@ def remap_optimizer(
 
     Returns:
         Warnings about state that could not be carried over (empty when everything was carried).
+
     """
     by_old = surgery.old_to_change()
     live = {id(p) for p in live_params}

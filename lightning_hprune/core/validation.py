@@ -16,6 +16,7 @@ def check_fraction(name: str, value: Any, *, allow_zero: bool = False, allow_one
 
     Raises:
         ValueError: if the value is not a finite number in the expected interval.
+
     """
     low = "[0" if allow_zero else "(0"
     high = "1]" if allow_one else "1)"
@@ -44,7 +45,9 @@ def check_int(name: str, value: Any, *, minimum: int = 0, allow_none: bool = Fal
         return None
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         extra = " or None" if allow_none else ""
-        raise ValueError(f"Expected argument `{name}` to be an integer >= {minimum}{extra}, but got {_fmt(value)}.")
+        raise ValueError(
+            f"Expected argument `{name}` to be an integer >= {minimum}{extra}, but got {_fmt(value)}."
+        )
     return value
 
 

@@ -39,6 +39,7 @@ class DigitsDataModule(pl.LightningDataModule):
         batch_size: training and validation batch size.
         size: image side after upsampling.
         limit: keep only the first ``limit`` training samples (for quick tests).
+
     """
 
     def __init__(self, batch_size: int = 64, size: int = 16, limit: int | None = None) -> None:
@@ -78,6 +79,7 @@ class DigitsCNN(pl.LightningModule):
         lr: AdamW learning rate (cosine-annealed over ``max_epochs``).
         weight_decay: AdamW weight decay.
         optimizer: ``"adamw"`` or ``"sgd"`` (momentum 0.9).
+
     """
 
     def __init__(
@@ -103,7 +105,11 @@ class DigitsCNN(pl.LightningModule):
         )
         side = size // 4
         self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Linear(w[4] * side * side, hidden), nn.ReLU(), nn.Dropout(0.2), nn.Linear(hidden, 10)
+            nn.Flatten(),
+            nn.Linear(w[4] * side * side, hidden),
+            nn.ReLU(),
+            nn.Dropout(0.2),
+            nn.Linear(hidden, 10),
         )
         self.example_input_array = torch.zeros(1, 1, size, size)
         self.val_acc = MulticlassAccuracy(num_classes=10, average="micro")
@@ -131,10 +137,15 @@ class DigitsCNN(pl.LightningModule):
         """AdamW (or SGD) with a cosine schedule over the run."""
         if self.hparams["optimizer"] == "sgd":
             opt: torch.optim.Optimizer = torch.optim.SGD(
-                self.parameters(), lr=self.hparams["lr"], momentum=0.9, weight_decay=self.hparams["weight_decay"]
+                self.parameters(),
+                lr=self.hparams["lr"],
+                momentum=0.9,
+                weight_decay=self.hparams["weight_decay"],
             )
         else:
-            opt = torch.optim.AdamW(self.parameters(), lr=self.hparams["lr"], weight_decay=self.hparams["weight_decay"])
+            opt = torch.optim.AdamW(
+                self.parameters(), lr=self.hparams["lr"], weight_decay=self.hparams["weight_decay"]
+            )
         epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 10
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
