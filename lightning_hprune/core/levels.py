@@ -183,7 +183,7 @@ class UniformLevel(Level):
 def ratio_removal(current: int, ratio: float, original: int, max_layer_ratio: float, round_to: int) -> int:
     """How many channels to remove from a group of width ``current`` for ``ratio``, aligned and capped."""
     floor = min_keep(original, current, max_layer_ratio, round_to)
-    keep = current - int(math.floor(ratio * current + 1e-9))
+    keep = current - math.floor(ratio * current + 1e-9)
     keep = int(math.ceil(keep / round_to) * round_to) if keep > 0 else round_to
     keep = max(keep, floor)
     return max(0, current - keep)
