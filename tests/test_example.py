@@ -1,0 +1,41 @@
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_digits_example_through_the_cli(tmp_path):
+    """The README's main job: ``hprune fit --config examples/digits_cnn.yaml``."""
+    exe = shutil.which("hprune")
+    cmd = [exe] if exe else [sys.executable, "-m", "lightning_hprune.cli"]
+    proc = subprocess.run(
+        [*cmd, "fit", "--config", str(ROOT / "examples" / "digits_cnn.yaml")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    assert "before" in out and "after" in out and "latency_ms" in out  # the before/after table
+    [report_path] = glob.glob(str(tmp_path / "logs" / "digits_cnn" / "csv" / "version_*" / "hprune_report.json"))
+    report = json.load(open(report_path))
+    before, after = report["before"], report["after"]
+    assert before["params"] > 1_000_000
+    assert report["achieved"] >= 0.5  # >= 50 % of the parameters removed
+    assert after["params"] <= 0.5 * before["params"]
+    assert after["val_acc"] >= 0.99 * before["val_acc"]  # >= 99 % of the dense accuracy kept
+    assert after["macs"] < before["macs"]
+    assert after["latency_ms"] > 0
+    # logs: CSV and TensorBoard both written
+    assert glob.glob(str(tmp_path / "logs" / "digits_cnn" / "tensorboard" / "version_*" / "events.*"))
+    ckpts = glob.glob(str(tmp_path / "logs" / "digits_cnn" / "**" / "last.ckpt"), recursive=True)
+    assert ckpts and os.path.getsize(ckpts[0]) > 0
