@@ -34,7 +34,10 @@ def test_fit_shrinks_as_scheduled_and_keeps_output_shape(tmp_path, cost):
     out_before = model.eval()(x).shape
     model.train()
     params0, macs0 = count_params(model), count_macs(model, x[:1]).total
-    cb = HierarchicalPruning(target=0.5, cost=cost, start_epoch=0, end_epoch=2, verbose=False)
+    # This toy's parameters sit mostly in one 32-wide linear layer: steps of 8 units are 4 % of the model,
+    # too coarse for a 2-point guarantee, so the params case uses finer alignment (see docs/index.md).
+    round_to = 8 if cost == "macs" else 2
+    cb = HierarchicalPruning(target=0.5, cost=cost, start_epoch=0, end_epoch=2, round_to=round_to, verbose=False)
     probe = ModeProbe()
     t = trainer(tmp_path, [cb, probe], max_epochs=4)
     train, val = loaders()
@@ -46,7 +49,7 @@ def test_fit_shrinks_as_scheduled_and_keeps_output_shape(tmp_path, cost):
     assert removed == sorted(removed)  # non-decreasing
     for got, want in zip(removed, targets):
         assert got == pytest.approx(want, abs=0.05)
-    assert abs(removed[-1] - 0.5) <= 0.02  # within 2 points of the target at the end
+    assert 0.5 <= removed[-1] <= 0.52  # the final target is a minimum, reached within 2 points
     assert count_params(model) < params0
     assert count_macs(model, x[:1]).total < macs0
     assert model.eval()(x).shape == out_before
@@ -146,14 +149,14 @@ def test_bf16_mixed_gradient_accumulation_and_clipping(tmp_path):
     pl.seed_everything(0)
     model = TinyCNN(widths=(64, 64, 64), optimizer="adamw", lr=0.01)
     probe = ModeProbe()
-    cb = HierarchicalPruning(target=0.5, start_epoch=0, end_epoch=1, verbose=False)
+    cb = HierarchicalPruning(target=0.5, start_epoch=0, end_epoch=1, round_to=4, verbose=False)
     t = trainer(
         tmp_path, [cb, probe], max_epochs=3, precision="bf16-mixed", accumulate_grad_batches=2, gradient_clip_val=1.0
     )
     train, val = loaders()
     t.fit(model, train, val)
     assert cb.event_index == 2
-    assert abs(cb.records[-1]["removed"] - 0.5) <= 0.02
+    assert 0.5 <= cb.records[-1]["removed"] <= 0.52
     assert all(torch.isfinite(torch.tensor(probe.losses)))
     assert all(probe.modes)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Literal, overload
 
 
 def _fmt(value: Any) -> str:
@@ -37,6 +37,14 @@ def check_positive(name: str, value: Any, *, allow_zero: bool = False) -> float:
         what = "a non-negative number" if allow_zero else "a positive number"
         raise ValueError(f"Expected argument `{name}` to be {what}, but got {_fmt(value)}.")
     return float(value)
+
+
+@overload
+def check_int(name: str, value: Any, *, minimum: int = 0, allow_none: Literal[False] = False) -> int: ...
+
+
+@overload
+def check_int(name: str, value: Any, *, minimum: int = 0, allow_none: Literal[True]) -> int | None: ...
 
 
 def check_int(name: str, value: Any, *, minimum: int = 0, allow_none: bool = False) -> int | None:
