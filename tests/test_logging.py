@@ -76,6 +76,18 @@ def test_csv_and_tensorboard_series(tmp_path):
     assert report["structure"]["widths"]
     assert any(w["after"] < w["before"] for w in report["structure"]["widths"].values())
 
+    # visual analysis: the curves figure is drawn from the same series
+    from lightning_hprune.report import curves
+
+    png = os.path.join(t.log_dir, "hprune_curves.png")
+    assert os.path.getsize(png) > 1000
+    with open(png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    series = curves(report)
+    assert series["params"][1:] == pytest.approx(params)
+    assert series["params"][0] == report["before"]["params"]
+    assert series["val_acc"][:3] == pytest.approx(metric)
+
 
 def test_monitor_never_logged_raises_clearly(tmp_path):
     cb = HierarchicalPruning(monitor="val_accuracy", start_epoch=0, end_epoch=0, verbose=False)

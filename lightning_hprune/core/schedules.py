@@ -7,6 +7,7 @@ exactly 1.0 at the last event, so the final reduction is the requested target.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 from lightning_hprune.core.validation import check_positive
@@ -87,7 +88,7 @@ def resolve_schedule(schedule: str | Callable[..., float], decay: float = 0.9) -
                 f" index, but got {schedule!r}."
             )
         if schedule == "geometric":
-            return lambda k, n: geometric(k, n, decay)
+            return functools.partial(geometric, decay=decay)  # picklable (ddp_spawn, deepcopy)
         return SCHEDULES[schedule]
     if callable(schedule):
         user = schedule
