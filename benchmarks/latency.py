@@ -38,14 +38,25 @@ def prune(model: torch.nn.Module, example: torch.Tensor, fraction: float, round_
     graph = PruningGraph(model, example, ignored_layers=ignored)
     dense = measure_cost(model, example, "macs")
     sizes = {g.name: g.size for g in graph.groups()}
-    run_event(graph, [(UniformLevel(max_layer_ratio=0.95), dense * (1 - fraction))], MagnitudeImportance(),
-              "macs", sizes, round_to, 0.002 * dense)
+    run_event(
+        graph,
+        [(UniformLevel(max_layer_ratio=0.95), dense * (1 - fraction))],
+        MagnitudeImportance(),
+        "macs",
+        sizes,
+        round_to,
+        0.002 * dense,
+    )
 
 
 @torch.no_grad()
 def latency(model: torch.nn.Module, x: torch.Tensor, bf16: bool, repeats: int) -> float:
     model.eval()
-    ctx = torch.autocast(x.device.type, dtype=torch.bfloat16) if bf16 else torch.autocast(x.device.type, enabled=False)
+    ctx = (
+        torch.autocast(x.device.type, dtype=torch.bfloat16)
+        if bf16
+        else torch.autocast(x.device.type, enabled=False)
+    )
     times = []
     with ctx:
         for i in range(repeats + 5):
@@ -74,8 +85,8 @@ def main() -> None:
     if a.device == "cuda":
         torch.backends.cudnn.benchmark = True
     print(f"device={a.device} batch={a.batch} size={a.size} bf16={a.bf16}")
-    print(f"| model | variant | params (M) | MACs ratio | latency (ms) | speed-up |")
-    print(f"|---|---|---|---|---|---|")
+    print("| model | variant | params (M) | MACs ratio | latency (ms) | speed-up |")
+    print("|---|---|---|---|---|---|")
     for name in a.models:
         torch.manual_seed(0)
         example = torch.randn(1, 3, a.size, a.size)
@@ -83,7 +94,9 @@ def main() -> None:
         dense_macs = measure_cost(dense, example, "macs")
         x = torch.randn(a.batch, 3, a.size, a.size, device=a.device)
         base = latency(dense.to(a.device), x, a.bf16, a.repeats)
-        print(f"| {name} | dense | {sum(q.numel() for q in dense.parameters()) / 1e6:.1f} | 1.00 | {base:.2f} | 1.00x |")
+        print(
+            f"| {name} | dense | {sum(q.numel() for q in dense.parameters()) / 1e6:.1f} | 1.00 | {base:.2f} | 1.00x |"
+        )
         for frac in a.fractions:
             for r in a.round_to:
                 torch.manual_seed(0)
@@ -92,8 +105,11 @@ def main() -> None:
                 macs = measure_cost(m, example, "macs")
                 ms = latency(m.to(a.device), x, a.bf16, a.repeats)
                 label = f"MACs -{frac:.0%}, widths " + ("unrounded" if r == 1 else f"rounded to {r}")
-                print(f"| {name} | {label} | {sum(q.numel() for q in m.parameters()) / 1e6:.1f} | "
-                      f"{dense_macs / macs:.2f} | {ms:.2f} | {base / ms:.2f}x |", flush=True)
+                print(
+                    f"| {name} | {label} | {sum(q.numel() for q in m.parameters()) / 1e6:.1f} | "
+                    f"{dense_macs / macs:.2f} | {ms:.2f} | {base / ms:.2f}x |",
+                    flush=True,
+                )
                 del m
             if a.device == "cuda":
                 torch.cuda.empty_cache()

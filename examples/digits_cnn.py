@@ -16,7 +16,9 @@ from lightning_hprune import HierarchicalPruning
 from lightning_hprune.examples.digits import DigitsCNN, DigitsDataModule
 
 
-def run(target: float = 0.5, cost: str = "params", max_epochs: int = 14, root: str = "logs/digits_cnn_py") -> dict:
+def run(
+    target: float = 0.5, cost: str = "params", max_epochs: int = 14, root: str = "logs/digits_cnn_py"
+) -> dict:
     """Train and prune; return the callback's end-of-fit summary."""
     pl.seed_everything(0)
     pruning = HierarchicalPruning(target=target, cost=cost, start_epoch=3, end_epoch=8, monitor="val_acc")
@@ -42,4 +44,6 @@ if __name__ == "__main__":
     ns = parser.parse_args()
     summary = run(ns.target, ns.cost, ns.max_epochs)
     before, after = summary["before"], summary["after"]
-    print(f"removed {summary['achieved']:.1%} of {ns.cost}; val_acc {before['val_acc']:.4f} -> {after['val_acc']:.4f}")
+    print(
+        f"removed {summary['achieved']:.1%} of {ns.cost}; val_acc {before['val_acc']:.4f} -> {after['val_acc']:.4f}"
+    )

@@ -1,12 +1,24 @@
-"""Pruned checkpoints: the structure is stored as plain data and replayed before weights load.
+"""Pruned checkpoints: the structure is stored as plain data and replayed before the weights load.
 
-A checkpoint written while :class:`~lightning_hprune.HierarchicalPruning` was attached holds, under
-``checkpoint["callbacks"][state_key]``, the pruning history (module names and channel indices) and one
-example input. Nothing is pickled, so ``torch.load(path, weights_only=True)`` reads it.
+A checkpoint written while a pruning callback was attached holds, under ``checkpoint["callbacks"][state_key]``,
+the pruning history (module names and channel indices, plain ``str``/``int``/``list``/``dict``) and one
+example input (a tensor). No module is pickled, so ``torch.load(path, weights_only=True)`` reads it.
+
+Three ways to get a pruned model back:
+
+* inference in a fresh process, one call: ``model = lightning_hprune.load_pruned(MyModule, path)``;
+* ``MyModule.load_from_checkpoint(path)``, after adding this hook to ``MyModule``::
+
+      def on_load_checkpoint(self, checkpoint):
+          lightning_hprune.restore_structure(self, checkpoint)
+
+* resuming training: ``trainer.fit(model, ckpt_path=path)`` with the pruning callback attached rebuilds the
+  structure before Lightning loads the weights (nothing to add).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
@@ -17,7 +29,7 @@ from lightning_hprune.core.graph import PruningGraph
 
 STATE_MARKER = "lightning_hprune"
 
-T = TypeVar("T")
+T = TypeVar("T", bound=nn.Module)
 
 
 def find_pruning_state(checkpoint: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -28,36 +40,108 @@ def find_pruning_state(checkpoint: Mapping[str, Any]) -> dict[str, Any] | None:
     return None
 
 
+def has_structure_of(model: nn.Module, state_dict: Mapping[str, Any]) -> bool:
+    """Whether ``model`` has exactly the tensors (names and shapes) of ``state_dict``."""
+    own = model.state_dict()
+    if set(own) != set(state_dict):
+        return False
+    return all(
+        not isinstance(v, torch.Tensor) or tuple(own[k].shape) == tuple(v.shape)
+        for k, v in state_dict.items()
+    )
+
+
 def restore_structure(
     model: nn.Module, checkpoint: Mapping[str, Any], ignored_layers: list[nn.Module] | None = None
 ) -> PruningGraph | None:
     """Rebuild the pruned structure recorded in ``checkpoint`` on an unpruned ``model``, in place.
 
+    Safe to call twice: when ``model`` already has the checkpoint's structure (its tensors have the names
+    and shapes of ``checkpoint["state_dict"]``), nothing is pruned again.
+
+    Args:
+        model: a freshly built (unpruned) model of the checkpoint's architecture.
+        checkpoint: a Lightning checkpoint dict (``torch.load(path, weights_only=True)``).
+        ignored_layers: modules the pruning callback was told to leave alone.
+
     Returns:
-        The dependency graph of the pruned model, or ``None`` when the checkpoint records no pruning.
+        The dependency graph of the pruned model (its ``history`` is the checkpoint's), or ``None`` when the
+        checkpoint records no pruning.
+
+    Raises:
+        PruningError: the recorded history does not fit ``model`` (another architecture).
 
     """
     state = find_pruning_state(checkpoint)
     if not state or not state.get("history"):
         return None
+    if state.get("example_input") is None:
+        raise ValueError(
+            "Expected the checkpoint's pruning state to hold an `example_input` to trace the model with, but "
+            "got None."
+        )
+    history = [dict(step) for step in state["history"]]
     graph = PruningGraph(model, state["example_input"], ignored_layers=ignored_layers or [])
-    graph.replay(state["history"])
+    weights = checkpoint.get("state_dict")
+    if isinstance(weights, Mapping) and has_structure_of(model, weights):
+        graph.history = history  # already restored (e.g. by a module hook): record, do not prune again
+    else:
+        graph.replay(history)
     return graph
 
 
-def load_pruned(module_cls: type[T], checkpoint_path: str, map_location: Any = "cpu", **kwargs: Any) -> T:
-    """Load a pruned LightningModule for inference in a fresh process, with ``weights_only=True``.
+def load_pruned(
+    module_cls: type[T],
+    checkpoint_path: str | os.PathLike[str],
+    map_location: Any = "cpu",
+    strict: bool = True,
+    **kwargs: Any,
+) -> T:
+    """Load a pruned model for inference in a fresh process, reading the file with ``weights_only=True``.
 
-    The module is built from the checkpoint's hyper-parameters (plus ``kwargs``), the recorded structure is
-    replayed, then the weights are loaded strictly.
+    The module is built from the checkpoint's hyper-parameters (``save_hyperparameters()``) updated with
+    ``kwargs``, the recorded structure is replayed on it, then the weights are loaded (strictly by default).
+
+    Args:
+        module_cls: the model's class (a ``LightningModule`` or any ``nn.Module``).
+        checkpoint_path: a checkpoint written while a pruning callback was attached.
+        map_location: where to load the tensors.
+        strict: load the weights strictly.
+        kwargs: constructor arguments added to (or replacing) the saved hyper-parameters.
+
+    Returns:
+        The pruned model, in eval mode. A ``LightningModule`` without ``example_input_array`` gets the
+        example input stored in the checkpoint (see :func:`~lightning_hprune.export.export_pruned`).
+
+    Example::
+
+        model = lightning_hprune.load_pruned(MyModule, "checkpoints/last.ckpt")
+        model(x)
+
     """
     checkpoint = torch.load(checkpoint_path, map_location=map_location, weights_only=True)
+    if "state_dict" not in checkpoint:
+        raise ValueError(
+            f"Expected {os.fspath(checkpoint_path)!r} to be a Lightning checkpoint with a 'state_dict', but "
+            f"its keys are {sorted(checkpoint)}."
+        )
     hparams = dict(checkpoint.get("hyper_parameters") or {})
     hparams.pop("_instantiator", None)
     hparams.update(kwargs)
-    model = module_cls(**hparams)
-    assert isinstance(model, nn.Module)
+    try:
+        model = module_cls(**hparams)
+    except TypeError as err:
+        raise TypeError(
+            f"Expected the checkpoint's hyper-parameters {sorted(hparams)} to build {module_cls.__name__}, but "
+            f"its constructor raised: {err}. Call `self.save_hyperparameters()` in its `__init__`, or pass the "
+            "constructor arguments to `load_pruned` as keyword arguments."
+        ) from err
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"Expected `module_cls` to build an `nn.Module`, but got {type(model).__name__}.")
     restore_structure(model, checkpoint)
-    model.load_state_dict(checkpoint["state_dict"], strict=True)
+    model.load_state_dict(checkpoint["state_dict"], strict=strict)
+    state = find_pruning_state(checkpoint)
+    if state is not None and getattr(model, "example_input_array", False) is None:
+        model.example_input_array = state["example_input"]  # for export and summaries
     model.eval()
     return model

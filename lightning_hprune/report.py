@@ -38,19 +38,21 @@ def plot_report(report: Mapping[str, Any] | str, path: str) -> str:
 
     if isinstance(report, str):
         with open(report) as f:
-            report = json.load(f)
-    series = curves(report)
+            data: Mapping[str, Any] = json.load(f)
+    else:
+        data = report
+    series = curves(data)
     fig, axes = plt.subplots(1, len(series), figsize=(3.2 * max(len(series), 1), 3.0), squeeze=False)
     titles = {"params": "parameters", "macs": "MACs", "latency_ms": "latency (ms)"}
-    for ax, (key, values) in zip(axes[0], series.items()):
+    for ax, (key, values) in zip(axes[0], series.items(), strict=True):
         ax.plot(range(len(values)), values, marker="o")
         ax.set_title(titles.get(key, key))
         ax.set_xlabel("event (0 = dense)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     fig.suptitle(
-        f"removed {report.get('achieved', float('nan')):.1%} of {report.get('cost', 'cost')} "
-        f"(target {report.get('target', float('nan')):.1%})"
+        f"removed {data.get('achieved', float('nan')):.1%} of {data.get('cost', 'cost')} "
+        f"(target {data.get('target', float('nan')):.1%})"
     )
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

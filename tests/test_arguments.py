@@ -32,7 +32,7 @@ from tests.helpers import TinyCNN, loaders, trainer
     ],
 )
 def test_invalid_arguments_raise_at_construction(kwargs, expected, given):
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(ValueError, match="Expected argument") as err:
         HierarchicalPruning(**kwargs)
     msg = str(err.value)
     assert expected in msg

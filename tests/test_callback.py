@@ -37,7 +37,9 @@ def test_fit_shrinks_as_scheduled_and_keeps_output_shape(tmp_path, cost):
     # This toy's parameters sit mostly in one 32-wide linear layer: steps of 8 units are 4 % of the model,
     # too coarse for a 2-point guarantee, so the params case uses finer alignment (see docs/index.md).
     round_to = 8 if cost == "macs" else 2
-    cb = HierarchicalPruning(target=0.5, cost=cost, start_epoch=0, end_epoch=2, round_to=round_to, verbose=False)
+    cb = HierarchicalPruning(
+        target=0.5, cost=cost, start_epoch=0, end_epoch=2, round_to=round_to, verbose=False
+    )
     probe = ModeProbe()
     t = trainer(tmp_path, [cb, probe], max_epochs=4)
     train, val = loaders()
@@ -47,7 +49,7 @@ def test_fit_shrinks_as_scheduled_and_keeps_output_shape(tmp_path, cost):
     removed = [r["removed"] for r in cb.records]
     targets = [r["target"] for r in cb.records]
     assert removed == sorted(removed)  # non-decreasing
-    for got, want in zip(removed, targets):
+    for got, want in zip(removed, targets, strict=True):
         assert got == pytest.approx(want, abs=0.05)
     assert 0.5 <= removed[-1] <= 0.52  # the final target is a minimum, reached within 2 points
     assert count_params(model) < params0
@@ -55,7 +57,8 @@ def test_fit_shrinks_as_scheduled_and_keeps_output_shape(tmp_path, cost):
     assert model.eval()(x).shape == out_before
     assert model.head[-1].out_features == 4  # the output layer is never shrunk
     # train mode restored after every event, and training never diverged
-    assert probe.modes and all(probe.modes)
+    assert probe.modes
+    assert all(probe.modes)
     assert all(torch.isfinite(torch.tensor(probe.losses)))
 
 
@@ -66,15 +69,19 @@ def test_widths_are_aligned(tmp_path):
     t = trainer(tmp_path, [cb], max_epochs=2)
     train, val = loaders()
     t.fit(model, train, val)
-    widths = [m.out_channels for m in model.features if isinstance(m, nn.Conv2d)] + [model.head[1].out_features]
-    assert any(w < w0 for w, w0 in zip(widths, (40, 48, 64, 32)))
+    widths = [m.out_channels for m in model.features if isinstance(m, nn.Conv2d)] + [
+        model.head[1].out_features
+    ]
+    assert any(w < w0 for w, w0 in zip(widths, (40, 48, 64, 32), strict=True))
     assert all(w % 8 == 0 for w in widths), widths
 
 
 def test_ignored_layers_keep_their_width(tmp_path):
     pl.seed_everything(0)
     model = TinyCNN(widths=(32, 32, 32))
-    cb = HierarchicalPruning(target=0.5, start_epoch=0, end_epoch=0, ignored_layers=["features.3"], verbose=False)
+    cb = HierarchicalPruning(
+        target=0.5, start_epoch=0, end_epoch=0, ignored_layers=["features.3"], verbose=False
+    )
     t = trainer(tmp_path, [cb], max_epochs=1)
     train, val = loaders()
     t.fit(model, train, val)
@@ -151,7 +158,12 @@ def test_bf16_mixed_gradient_accumulation_and_clipping(tmp_path):
     probe = ModeProbe()
     cb = HierarchicalPruning(target=0.5, start_epoch=0, end_epoch=1, round_to=4, verbose=False)
     t = trainer(
-        tmp_path, [cb, probe], max_epochs=3, precision="bf16-mixed", accumulate_grad_batches=2, gradient_clip_val=1.0
+        tmp_path,
+        [cb, probe],
+        max_epochs=3,
+        precision="bf16-mixed",
+        accumulate_grad_batches=2,
+        gradient_clip_val=1.0,
     )
     train, val = loaders()
     t.fit(model, train, val)
@@ -183,7 +195,9 @@ def test_unusable_batch_without_example_input_raises_clearly(tmp_path):
     model = WeirdBatches(set_example_input=False)
     cb = HierarchicalPruning(verbose=False)
     t = trainer(tmp_path, [cb], max_epochs=1)
-    with pytest.raises(ValueError, match=r"example_input_array.*first training batch.*got a batch of type dict"):
+    with pytest.raises(
+        ValueError, match=r"example_input_array.*first training batch.*got a batch of type dict"
+    ):
         t.fit(model, data)
     assert t.global_step == 0
 

@@ -40,5 +40,7 @@ def test_cli_rejects_bad_callback_arguments(tmp_path, monkeypatch, capsys):
     config["trainer"]["callbacks"][0]["init_args"]["target"] = 1.5
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(config))
-    with pytest.raises(ValueError, match=r"Expected argument `target` to be a float in \(0, 1\), but got 1.5"):
+    with pytest.raises(
+        ValueError, match=r"Expected argument `target` to be a float in \(0, 1\), but got 1.5"
+    ):
         build_cli(["--config", str(path)], run=False)

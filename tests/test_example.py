@@ -25,9 +25,13 @@ def test_digits_example_through_the_cli(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout + proc.stderr
-    assert "before" in out and "after" in out and "latency_ms" in out  # the before/after table
-    [report_path] = glob.glob(str(tmp_path / "logs" / "digits_cnn" / "csv" / "version_*" / "hprune_report.json"))
-    report = json.load(open(report_path))
+    for word in ("before", "after", "latency_ms"):  # the before/after table
+        assert word in out
+    [report_path] = glob.glob(
+        str(tmp_path / "logs" / "digits_cnn" / "csv" / "version_*" / "hprune_report.json")
+    )
+    with open(report_path) as f:
+        report = json.load(f)
     before, after = report["before"], report["after"]
     assert before["params"] > 1_000_000
     assert report["achieved"] >= 0.5  # >= 50 % of the parameters removed
@@ -38,4 +42,5 @@ def test_digits_example_through_the_cli(tmp_path):
     # logs: CSV and TensorBoard both written
     assert glob.glob(str(tmp_path / "logs" / "digits_cnn" / "tensorboard" / "version_*" / "events.*"))
     ckpts = glob.glob(str(tmp_path / "logs" / "digits_cnn" / "**" / "last.ckpt"), recursive=True)
-    assert ckpts and os.path.getsize(ckpts[0]) > 0
+    assert ckpts
+    assert os.path.getsize(ckpts[0]) > 0

@@ -51,7 +51,7 @@ def test_csv_and_tensorboard_series(tmp_path):
     # retained = metric / metric before the first event
     assert len(metric) == len(retained) == 3
     assert retained[0] == pytest.approx(1.0)
-    for m, r in zip(metric, retained):
+    for m, r in zip(metric, retained, strict=True):
         assert r == pytest.approx(m / metric[0])
     # the latency curve and the final values are logged too
     assert len(_series(rows, "hprune/latency_ms")) == 3
@@ -65,12 +65,19 @@ def test_csv_and_tensorboard_series(tmp_path):
     acc = EventAccumulator(tb_logger.log_dir)
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    for tag in ("hprune/params", "hprune/macs", "hprune/removed", "hprune/retained_val_acc", "hprune/global/channels_removed"):
+    for tag in (
+        "hprune/params",
+        "hprune/macs",
+        "hprune/removed",
+        "hprune/retained_val_acc",
+        "hprune/global/channels_removed",
+    ):
         assert tag in tags
     assert [e.value for e in acc.Scalars("hprune/params")] == pytest.approx(params)
 
     # the end-of-fit report with before/after and the final structure lands in the log dir
-    report = json.load(open(os.path.join(t.log_dir, "hprune_report.json")))
+    with open(os.path.join(t.log_dir, "hprune_report.json")) as f:
+        report = json.load(f)
     assert report["after"]["params"] == params[-1]
     assert report["before"]["params"] > report["after"]["params"]
     assert report["structure"]["widths"]

@@ -9,8 +9,13 @@ from lightning_hprune.core.optim_state import remap_optimizer
 def _net():
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 4 * 4, 5),
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(16 * 4 * 4, 5),
     )
 
 
@@ -34,7 +39,10 @@ def test_optimizer_state_follows_kept_channels(make_opt, keys):
     model = _net()
     opt = make_opt(model.parameters())
     _train_steps(model, opt)
-    before = {id(p): (p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}) for p in model.parameters()}
+    before = {
+        id(p): (p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()})
+        for p in model.parameters()
+    }
     hyper = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
 
     graph = PruningGraph(model, torch.randn(1, 3, 4, 4))

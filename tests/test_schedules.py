@@ -1,3 +1,5 @@
+import itertools
+
 import pytest
 
 from lightning_hprune.core import schedules as S
@@ -9,14 +11,14 @@ def test_schedules_are_monotone_and_complete(name, n):
     fn = S.resolve_schedule(name)
     values = [fn(k, n) for k in range(n)]
     assert all(0 < v <= 1 for v in values)
-    assert all(b >= a for a, b in zip(values, values[1:]))
+    assert all(b >= a for a, b in itertools.pairwise(values))
     assert values[-1] == pytest.approx(1.0)
 
 
 def test_geometric_shares_decay_by_the_factor():
     shares = S.event_shares(lambda k, n: S.geometric(k, n, 0.9), 6)
     assert sum(shares) == pytest.approx(1.0)
-    for a, b in zip(shares, shares[1:]):
+    for a, b in itertools.pairwise(shares):
         assert b / a == pytest.approx(0.9)
     # r_0 = (1 - d) / (1 - d^n)
     assert shares[0] == pytest.approx(0.1 / (1 - 0.9**6))

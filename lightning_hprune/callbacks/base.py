@@ -7,28 +7,54 @@ restores train mode, logs, and keeps the history for checkpoints.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
-from collections.abc import Callable, Sequence
+import re
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 import torch.nn as nn
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_hprune.checkpoint import STATE_MARKER, restore_structure
+from lightning_hprune.core.adjust import DECISION_CODES, AdjustConfig, decide, next_fraction
 from lightning_hprune.core.cost import COSTS
-from lightning_hprune.core.engine import EventResult, run_event
-from lightning_hprune.core.graph import PruningGraph, match_modules, preserved_modes
+from lightning_hprune.core.engine import (
+    EventResult,
+    level_fractions,
+    level_names,
+    plan_steps,
+    removed_per_level,
+    run_event,
+)
+from lightning_hprune.core.graph import (
+    ModuleSnapshot,
+    PruningError,
+    PruningGraph,
+    match_modules,
+    preserved_modes,
+)
 from lightning_hprune.core.importance import Importance, resolve_importance
-from lightning_hprune.core.levels import Level
+from lightning_hprune.core.levels import LayerLevel, Level
 from lightning_hprune.core.measure import count_macs, count_params, measure_latency
-from lightning_hprune.core.optim_state import remap_optimizer
+from lightning_hprune.core.optim_state import ParameterSurgery, remap_optimizer
+from lightning_hprune.core.rollback import RollbackPoint
 from lightning_hprune.core.schedules import resolve_schedule
+from lightning_hprune.core.sensitivity import (
+    SensitivityAnalysis,
+    batch_metric,
+    cached_sensitivity,
+    measure_sensitivity,
+)
 from lightning_hprune.core.validation import (
     check_choice,
     check_fraction,
@@ -78,6 +104,162 @@ def _first_sample(example: Any) -> Any:
     return example
 
 
+# ---------------------------------------------------------------------- reliability helpers
+def _weight_averaging_types() -> tuple[type, ...]:
+    """Lightning callbacks that keep a copy of every parameter (``WeightAveraging`` is new in Lightning 2.5)."""
+    from lightning.pytorch import callbacks
+
+    names = ("StochasticWeightAveraging", "WeightAveraging")
+    return tuple(getattr(callbacks, n) for n in names if hasattr(callbacks, n))
+
+
+@contextmanager
+def _forward_failures(model: nn.Module) -> Iterator[dict[int, tuple[str, BaseException]]]:
+    """Record, for every exception raised inside a module's forward, the innermost module that raised it.
+
+    Yields ``id(exception) -> (module name, exception)``; ``""`` names ``model`` itself (code of its own
+    forward, outside any submodule).
+    """
+    failures: dict[int, tuple[str, BaseException]] = {}
+
+    def hook_for(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            err = sys.exc_info()[1]
+            if output is None and err is not None and id(err) not in failures:
+                failures[id(err)] = (name, err)  # the innermost module's hook runs first
+
+        return hook
+
+    handles = [m.register_forward_hook(hook_for(n), always_call=True) for n, m in model.named_modules()]
+    try:
+        yield failures
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _failing_module(err: BaseException, failures: dict[int, tuple[str, BaseException]]) -> str | None:
+    """The module recorded by :func:`_forward_failures` for ``err`` or an exception it was raised from."""
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [err]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if id(e) in failures and failures[id(e)][1] is e:
+            return failures[id(e)][0]
+        stack += [e.__cause__, e.__context__]
+    return None
+
+
+def _describe_failure(model: nn.Module, name: str | None, tracing: bool = False) -> str:
+    if name is None:
+        return ""
+    if name == "":
+        where = f"the forward of {type(model).__name__} itself (its own code, outside any submodule)"
+    else:
+        try:
+            where = f"module {name!r} ({type(model.get_submodule(name)).__name__})"
+        except AttributeError:
+            where = f"module {name!r}"
+    if tracing:
+        return f" The forward raised inside {where}."
+    return (
+        f" The model's forward raised inside {where}: torch-pruning could not follow the channels through it "
+        "(a hard-coded shape, a raw parameter used outside a standard layer, or an op it does not know). "
+        "Keep the widths it depends on fixed by adding the layers that produce its input to `ignored_layers`, "
+        "or use standard layers (nn.Conv2d, nn.Linear, ...) for its parameters."
+    )
+
+
+def _eager() -> Any:
+    """Run compiled code eagerly (``torch.compiler.set_stance``, torch >= 2.6) while pruning traces and measures."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance is not None else nullcontext()
+
+
+def _compiled_codes(pl_module: nn.Module) -> list[Any]:
+    """Code objects that ``torch.compile`` caches for this module: Lightning's compiled steps and compiled children.
+
+    A compiled child's cache lives on a function that every ``torch.compile``d module of the process shares:
+    dropping it makes those recompile once too.
+    """
+    codes = []
+    ctx = getattr(pl_module, "_compiler_ctx", None) or {}
+    fns = [v for k, v in ctx.items() if k.startswith("original_")]
+    fns += [
+        getattr(m.forward, "_torchdynamo_orig_callable", None)
+        for m in pl_module.modules()
+        if hasattr(m, "_orig_mod") and hasattr(m, "dynamo_ctx")
+    ]
+    for fn in fns:
+        code = getattr(getattr(fn, "__func__", fn), "__code__", None)
+        if code is not None:
+            codes.append(code)
+    return codes
+
+
+def _recompile(pl_module: nn.Module) -> None:
+    """Drop what ``torch.compile`` cached for the old shapes, so that the pruned model compiles afresh.
+
+    Without this, every event adds entries until dynamo's recompile limit makes it fall back to eager.
+    """
+    reset_code = getattr(torch._dynamo, "reset_code", None)
+    if reset_code is None:
+        return
+    for code in _compiled_codes(pl_module):
+        reset_code(code)
+
+
+class _EventTransaction:
+    """Everything a pruning event may change, kept by reference (no copy of any weight), to undo it exactly.
+
+    The model's modules (parameters, buffers, children, attributes), the optimizers' parameter lists and
+    per-parameter state, the strategy's (DDP) wrapper, the pruning graph's history and the callback's own
+    attributes. LR schedulers hold only the optimizer (an unchanged object) and their own counters, which an
+    event does not touch.
+    """
+
+    def __init__(self, callback: Callback, trainer: pl.Trainer, pl_module: nn.Module) -> None:
+        self.callback = callback
+        self.attributes = {k: _shallow(v) for k, v in callback.__dict__.items()}
+        graph = getattr(callback, "_graph", None)
+        self.graph = graph
+        self.history_len = len(graph.history) if graph is not None else 0
+        self.modules = ModuleSnapshot(pl_module)
+        self.optimizers = [
+            (opt, [list(g["params"]) for g in opt.param_groups], dict(opt.state))
+            for opt in trainer.optimizers
+        ]
+        self.strategy = trainer.strategy
+        self.wrapper = trainer.strategy.model
+
+    def restore(self) -> None:
+        """Put the model, optimizers, wrapper, graph and callback back as they were."""
+        self.modules.restore()
+        for opt, groups, state in self.optimizers:
+            for group, params in zip(opt.param_groups, groups, strict=True):
+                group["params"] = params
+            opt.state.clear()
+            opt.state.update(state)
+        if self.strategy.model is not self.wrapper:
+            self.strategy.model = self.wrapper  # still bound to the restored (original) parameters
+        self.callback.__dict__.clear()
+        self.callback.__dict__.update(self.attributes)
+        if self.graph is not None:
+            del self.graph.history[self.history_len :]
+            self.graph.rebuild()
+
+
+def _shallow(value: Any) -> Any:
+    if isinstance(value, list):
+        return list(value)
+    if isinstance(value, dict):
+        return dict(value)
+    return value
+
+
 class PruningCallback(Callback):
     """Shared lifecycle of the pruning callbacks (see :class:`~lightning_hprune.HierarchicalPruning`).
 
@@ -102,6 +284,12 @@ class PruningCallback(Callback):
         tolerance: float = 0.002,
         calibration_batches: int = 4,
         verbose: bool = True,
+        max_drop: float | None = None,
+        max_retries: int = 2,
+        back_off: float = 0.5,
+        speed_up: float = 1.0,
+        mode: str = "max",
+        sensitivity: SensitivityAnalysis | None = None,
     ) -> None:
         super().__init__()
         self.target = check_fraction("target", target)
@@ -127,6 +315,34 @@ class PruningCallback(Callback):
         self.tolerance = check_fraction("tolerance", tolerance)
         self.calibration_batches = check_int("calibration_batches", calibration_batches, minimum=0)
         self.verbose = verbose
+        # automatic adjustment (closed loop) and sensitivity analysis; see the "closed loop" block below
+        self.mode = check_choice("mode", mode, ("max", "min"))
+        self.max_drop = max_drop
+        if max_drop is not None and monitor is None:
+            raise ValueError(
+                "Expected argument `monitor` to name a logged metric when `max_drop` is set, but got monitor=None."
+            )
+        adjust = AdjustConfig(  # validates every argument, even when the loop is off
+            max_drop=0.5 if max_drop is None else max_drop,
+            max_retries=max_retries,
+            back_off=back_off,
+            speed_up=speed_up,
+            mode=mode,
+        )
+        self._adjust: AdjustConfig | None = None if max_drop is None else adjust
+        self.max_retries, self.back_off, self.speed_up = max_retries, back_off, speed_up
+        if sensitivity is not None and not isinstance(sensitivity, SensitivityAnalysis):
+            raise ValueError(
+                f"Expected argument `sensitivity` to be a `SensitivityAnalysis` or None, but got {sensitivity!r}."
+            )
+        self.sensitivity = sensitivity
+        self.rate = 1.0
+        self.retries = 0
+        self.stopped = False
+        self.decisions: list[dict[str, Any]] = []
+        self.sensitivity_drops: dict[str, float] | None = None
+        self._pending_check: dict[str, int] | None = None
+        self._rollback: RollbackPoint | None = None
 
         # checkpointed state
         self.event_index = 0
@@ -146,6 +362,21 @@ class PruningCallback(Callback):
         self.calibration: list[Any] = []
 
     # ------------------------------------------------------------------ identity & state
+    def __getstate__(self) -> dict[str, Any]:
+        # Picklable (``ddp_spawn`` pickles the Trainer): drop the resolved schedule (it may be a local
+        # function) and the dependency graph (a cache; its history is kept as plain data).
+        state = self.__dict__.copy()
+        state.pop("_schedule_fn", None)
+        graph = state.pop("_graph", None)
+        if graph is not None:
+            state["history"] = [dict(h) for h in graph.history]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._schedule_fn = resolve_schedule(self.schedule, self.decay)
+        self._graph = None
+
     @property
     @override
     def state_key(self) -> str:
@@ -163,6 +394,13 @@ class PruningCallback(Callback):
             "baseline": dict(self.baseline),
             "original_size": dict(self.original_size),
             "example_input": self.example_input,
+            # Non-empty only in a checkpoint written during an event epoch before its event (validation-end
+            # or step-based checkpoints): a resumed run then prunes with the same data as an unbroken one.
+            "calibration": list(self.calibration),
+            # Statistics a criterion gathered since the last event (e.g. Taylor's |w * g| sums).
+            "importance": self.importance.state_dict(),
+            "adjust": self._adjust_state(),
+            "sensitivity": None if self.sensitivity_drops is None else dict(self.sensitivity_drops),
         }
 
     @override
@@ -174,6 +412,12 @@ class PruningCallback(Callback):
         self.original_size = dict(state_dict.get("original_size", {}))
         if state_dict.get("example_input") is not None:
             self.example_input = state_dict["example_input"]
+        self.calibration = list(state_dict.get("calibration", []))
+        if state_dict.get("importance"):
+            self.importance.load_state_dict(state_dict["importance"])
+        self._load_adjust_state(state_dict.get("adjust") or {})
+        drops = state_dict.get("sensitivity")
+        self.sensitivity_drops = None if drops is None else {str(k): float(v) for k, v in drops.items()}
 
     # ------------------------------------------------------------------ subclasses
     def levels_for_event(self) -> list[Level]:
@@ -193,10 +437,19 @@ class PruningCallback(Callback):
                     "strategy='ddp' (or a single device) while pruning, then train the pruned model with "
                     f"{name}."
                 )
-        if not pl_module.automatic_optimization and len(trainer.optimizers or []) > 1:
-            rank_zero_warn(
-                "Manual optimization: every optimizer returned by configure_optimizers is re-bound."
+        peers = [c for c in getattr(trainer, "callbacks", []) if isinstance(c, PruningCallback)]
+        if len(peers) > 1:
+            # Two pruning callbacks would each trace, prune and re-bind the optimizers on their own, with
+            # targets measured against different baselines and histories that cannot be replayed in order.
+            levels = ", ".join(repr(lv) for c in peers for lv in c.levels_for_event())
+            raise ValueError(
+                "Expected at most one pruning callback per Trainer, but got "
+                f"{[type(c).__name__ for c in peers]}. Compose their levels, coarse to fine, in one callback "
+                f"instead: HierarchicalPruning(levels=[{levels}])."
             )
+        for level in self.levels_for_event():
+            level.check_model(pl_module)
+        self._refuse_unsupported(trainer, pl_module)
         unmatched = [p for p, names in match_modules(pl_module, self.ignored_layers).items() if not names]
         if unmatched:
             raise ValueError(
@@ -226,6 +479,41 @@ class PruningCallback(Callback):
             )
         return self.end_epoch
 
+    def _refuse_unsupported(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Refuse, before any training, the setups that a pruned model cannot survive (docs/support.md)."""
+        cls = type(self).__name__
+        launcher = getattr(trainer.strategy, "launcher", None)
+        if isinstance(launcher, _MultiProcessingLauncher):
+            method = getattr(launcher, "_start_method", "spawn")
+            raise RuntimeError(
+                f"{cls} does not support {type(trainer.strategy).__name__} with processes started by "
+                f"multiprocessing (start method {method!r}: strategy='ddp_spawn', 'ddp_fork' or 'ddp_notebook'): "
+                "at the end of fit, Lightning copies the workers' final weights into the main process's model, "
+                "which is still unpruned and cannot hold them. Use strategy='ddp' (one script per process) or a "
+                "single device; load the pruned result with `lightning_hprune.load_pruned(...)`."
+            )
+        averaging_types = _weight_averaging_types()
+        callbacks: list[Callback] = list(getattr(trainer, "callbacks", []))
+        averaging = [type(c).__name__ for c in callbacks if isinstance(c, averaging_types)]
+        if averaging:
+            raise RuntimeError(
+                f"{cls} cannot run together with {averaging}: they keep an averaged copy of every parameter, "
+                "which pruning would leave with the old shapes. Prune first, then fine-tune the pruned model "
+                f"(`lightning_hprune.load_pruned(...)`) with {averaging} in a second fit."
+            )
+        lookalikes = [
+            type(c).__name__
+            for c in callbacks
+            if re.search(r"EMA|SWA|Averag|Polyak", type(c).__name__)
+            and not isinstance(c, (PruningCallback, *averaging_types))
+        ]
+        if lookalikes:
+            rank_zero_warn(
+                f"{lookalikes} look like they keep copies of the model's parameters (EMA/SWA). {cls} replaces "
+                "every pruned parameter with a new, smaller one, which such copies do not follow: make sure they "
+                "support a changing model, or use them in a second fit on the pruned model."
+            )
+
     def _patch_module_restore(self, pl_module: pl.LightningModule) -> None:
         if "on_load_checkpoint" in pl_module.__dict__:
             return
@@ -235,9 +523,10 @@ class PruningCallback(Callback):
         def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
             state = (checkpoint.get("callbacks") or {}).get(callback.state_key)
             if state and state.get("history") and not callback.history and callback._graph is None:
-                graph = restore_structure(
-                    pl_module, {"callbacks": {callback.state_key: state}}, callback._ignored(pl_module)
-                )
+                with _eager():
+                    graph = restore_structure(
+                        pl_module, {"callbacks": {callback.state_key: state}}, callback._ignored(pl_module)
+                    )
                 callback._graph = graph
             original(checkpoint)
 
@@ -249,6 +538,21 @@ class PruningCallback(Callback):
         if self._patched_module is not None:
             self._patched_module.__dict__.pop("on_load_checkpoint", None)
             self._patched_module = None
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Trace as soon as the example input is known (the model is on its device by now): a model that
+        # torch-pruning cannot trace, or one with nothing prunable, fails before the first epoch.
+        if self.example_input is None and pl_module.example_input_array is not None:
+            self.example_input = _first_sample(pl_module.example_input_array)
+        if self.example_input is None or self.event_index >= self.num_events:
+            return
+        with _forward_failures(pl_module) as failures:
+            try:
+                self._ensure_graph(pl_module)
+            except PruningError as err:
+                where = _describe_failure(pl_module, _failing_module(err, failures), tracing=True)
+                raise PruningError(f"{err}{where}") from err
 
     # ------------------------------------------------------------------ schedule
     @property
@@ -293,7 +597,10 @@ class PruningCallback(Callback):
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch
-        if not self.is_event_epoch(epoch) or self.event_index >= self.num_events:
+        if self._check_adjustment(trainer, pl_module):
+            self._prune_event(trainer, pl_module)  # a retry after a rollback, past the scheduled events
+            return
+        if self.stopped or not self.is_event_epoch(epoch) or self.event_index >= self.num_events:
             return
         if self.example_input is None:
             if pl_module.example_input_array is None:
@@ -309,10 +616,27 @@ class PruningCallback(Callback):
 
     def _ensure_graph(self, pl_module: pl.LightningModule) -> PruningGraph:
         if self._graph is None or self._graph.model is not pl_module:
-            self._graph = PruningGraph(pl_module, self.example_input, ignored_layers=self._ignored(pl_module))
-            if self.history and not self._graph.history:
-                # Resumed without the module hook (e.g. restored by hand): replay the recorded structure.
-                self._graph.replay(self.history)
+            with _eager():
+                graph = PruningGraph(pl_module, self.example_input, ignored_layers=self._ignored(pl_module))
+                if self.history and not graph.history:
+                    current = {g.name: g.size for g in graph.groups()}
+                    if all(current.get(n, s) == s for n, s in self.original_size.items()):
+                        # Resumed without the module hook (state loaded by hand): rebuild the structure.
+                        graph.replay(self.history)
+                    else:  # the model already has it (e.g. a deep copy of a pruned model and callback)
+                        graph.history = [dict(h) for h in self.history]
+            if not graph.history and not graph.groups():
+                raise ValueError(
+                    f"Expected {type(pl_module).__name__} to have at least one prunable channel group, but "
+                    + (
+                        f"`ignored_layers`={list(self.ignored_layers)} excludes every one"
+                        if self.ignored_layers
+                        else "every layer's output width is fixed (it feeds the model's output)"
+                    )
+                    + f", so the target {self.target:.0%} of {self.cost} cannot be reached. Leave at least one "
+                    "layer that does not produce the model's output out of `ignored_layers`."
+                )
+            self._graph = graph
         return self._graph
 
     def _measure(self, model: nn.Module) -> dict[str, float]:
@@ -335,7 +659,32 @@ class PruningCallback(Callback):
             )
         return float(value)
 
+    def _guarded_event(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Run :meth:`_prune_event` as a transaction: a failure, even an interrupt, leaves nothing changed."""
+        transaction = _EventTransaction(self, trainer, pl_module)
+        self._in_event = True
+        try:
+            with _forward_failures(pl_module) as failures, _eager():
+                self._prune_event(trainer, pl_module)
+        except BaseException as err:
+            transaction.restore()
+            if not isinstance(err, Exception):
+                raise  # KeyboardInterrupt, SystemExit: undone, then passed on
+            where = _describe_failure(pl_module, _failing_module(err, failures))
+            raise PruningError(
+                f"{type(self).__name__}: the pruning event at epoch {trainer.current_epoch} failed "
+                f"({type(err).__name__}: {err}).{where} The model, its optimizers (parameters and state), the "
+                "LR schedulers and this callback are exactly as they were before the event: fix the cause, "
+                "then go on or resume from the last checkpoint with `trainer.fit(..., ckpt_path=...)`."
+            ) from err
+        finally:
+            self._in_event = False
+        _recompile(pl_module)
+
     def _prune_event(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not getattr(self, "_in_event", False):  # every event runs as a transaction
+            self._guarded_event(trainer, pl_module)
+            return
         k = self.event_index
         graph = self._ensure_graph(pl_module)
         metric = self._monitored(trainer)
@@ -345,31 +694,261 @@ class PruningCallback(Callback):
                 self.baseline["metric"] = metric
             self.original_size = {g.name: g.size for g in graph.groups()}
         dense = self.baseline[f"dense_{self.cost}"]
-        fraction = self.target_fraction(k)
-        steps = []
+        # Composition: each level owes its share of the target on its own schedule, cumulatively, so a
+        # coarse level (whole blocks) that cannot act at one event catches up later (see `plan_steps`).
         levels = self.levels_for_event()
-        total_share = sum(lv.share for lv in levels)
-        cum = 0.0
-        for lv in levels:
-            cum += lv.share
-            steps.append((lv, dense * (1.0 - fraction * cum / total_share)))
-        with preserved_modes(pl_module):
-            result = run_event(
-                graph,
-                steps,
-                self.importance,
-                self.cost,
-                self.original_size,
-                self.round_to,
-                self.tolerance * dense,
-                agree=lambda removals: trainer.strategy.broadcast(removals, src=0),
-                calibration=list(self.calibration),
-            )
+        self._apply_sensitivity(trainer, graph, levels)
+        # A retry after a rollback may come after the last scheduled event: it aims at the final target.
+        k_sched = min(k, self.num_events - 1)
+        fractions = level_fractions(
+            levels, self.target, k_sched, self.num_events, self._schedule_fn, self.decay
+        )
+        start = float(self.records[-1][self.cost]) if self.records else dense
+        fractions = self._adjusted_fractions(fractions, 1.0 - start / dense)
+        fraction = sum(fractions)
+        steps = plan_steps(levels, dense, start, fractions, removed_per_level(self.records, len(levels)))
+        self._save_rollback_point(trainer, pl_module, graph)
+        self.importance.prepare(pl_module, list(self.calibration), self._importance_reduce(trainer))
+        try:
+            with preserved_modes(pl_module):
+                result = run_event(
+                    graph,
+                    steps,
+                    self.importance,
+                    self.cost,
+                    self.original_size,
+                    self.round_to,
+                    self.tolerance * dense,
+                    agree=lambda removals: trainer.strategy.broadcast(removals, src=0),
+                    calibration=list(self.calibration),
+                    strict=k_sched == self.num_events - 1,  # the final target is a minimum
+                )
+        finally:
+            self.importance.reset()  # also clears the statistics carried in `.grad` during the event
         self._rebind(trainer, pl_module, result)
-        self.importance.reset()
         self.calibration.clear()
         self.event_index += 1
         self._log_event(trainer, pl_module, k, fraction, metric, result)
+        self._after_event(trainer, k)
+
+    # ------------------------------------------------------------------ criteria statistics & closed loop
+    # Criteria that learn from training (Taylor) are fed from `on_before_optimizer_step`; with `max_drop`,
+    # every event is checked after its recovery epoch(s) and rolled back (model + optimizer state, kept on
+    # the CPU) when the monitored metric fell too far; see `lightning_hprune.core.adjust`.
+    def _pruning_active(self) -> bool:
+        return not self.stopped and (self.event_index < self.num_events or self._pending_check is not None)
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        # Lightning calls this once per optimizer step, after AMP unscaling and gradient accumulation.
+        if self.importance.needs_training_statistics and self._pruning_active():
+            self.importance.on_before_optimizer_step(pl_module, optimizer)
+
+    @staticmethod
+    def _importance_reduce(trainer: pl.Trainer) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        if trainer.world_size <= 1:
+            return None
+        strategy = trainer.strategy
+        return lambda t: strategy.reduce(t, reduce_op="sum")
+
+    def _adjusted_fractions(self, fractions: list[float], achieved: float) -> list[float]:
+        """Scale the levels' cumulative fractions: the event goes ``rate`` times the way to the schedule."""
+        planned = sum(fractions)
+        if self._adjust is None or planned <= 0:
+            return fractions
+        aim = next_fraction(achieved, planned, self.rate, self.target)
+        return [f * aim / planned for f in fractions]
+
+    def _save_rollback_point(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, graph: PruningGraph
+    ) -> None:
+        if self._adjust is None:
+            return
+        self._rollback = None  # free the previous copy first
+        self._rollback = RollbackPoint(
+            pl_module,
+            trainer.optimizers,
+            graph.history,
+            extra={
+                "records": len(self.records),
+                "importance": self.importance.state_dict(),
+                "calibration": list(self.calibration),
+            },
+        )
+
+    def _after_event(self, trainer: pl.Trainer, k: int) -> None:
+        record = self.records[-1] if self.records else {}
+        removed = float(record.get("removed", math.nan))
+        reason = f"event {k}: {removed:.1%} of {self.cost} removed so far (rate {self.rate:.3g})"
+        if self._adjust is None:
+            self._record_decision(trainer, "pruned", reason, event=k)
+            return
+        epoch = trainer.current_epoch
+        check = epoch + self.every_n_epochs
+        if trainer.max_epochs is not None and trainer.max_epochs >= 0:
+            check = min(check, trainer.max_epochs - 1)
+        if check <= epoch:
+            self._pending_check, self._rollback = None, None
+            reason += "; no epoch left to check it against max_drop"
+        else:
+            self._pending_check = {"event": k, "epoch": epoch, "check_epoch": check}
+            reason += f"; {self.monitor} is checked at the end of epoch {check}"
+        self._record_decision(trainer, "pruned", reason, event=k)
+
+    def _check_adjustment(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+        """Judge the last event once its recovery is over; roll back when needed.
+
+        Returns:
+            True when a retry must run now (the rollback happened after the last scheduled event).
+
+        """
+        pending = self._pending_check
+        epoch = trainer.current_epoch
+        if self._adjust is None or pending is None or epoch < pending["check_epoch"]:
+            return False
+        self._pending_check = None
+        value = self._monitored(trainer)
+        assert value is not None
+        baseline = self.baseline.get("metric", value)
+        # Every process acts on rank 0's decision (the metric may not be synchronised across processes).
+        decision = trainer.strategy.broadcast(
+            decide(baseline, value, self._adjust, self.rate, self.retries), src=0
+        )
+        fields = {"event": pending["event"], "value": value, "drop": decision.drop, "bound": decision.bound}
+        if decision.roll_back:
+            if self._rollback is None:
+                self.stopped = True
+                self._record_decision(
+                    trainer,
+                    "stop",
+                    f"{self.monitor}={value:.4g} dropped {decision.drop:.2%} (> max_drop "
+                    f"{self._adjust.max_drop:.2%}), but the state before event {pending['event']} is not available (resumed from a "
+                    "checkpoint, and the CPU copy is not checkpointed): stopped pruning",
+                    **fields,
+                )
+                return False
+            undone = self._roll_back(trainer, pl_module)
+            fields["undone_removed"] = float(undone.get("removed", math.nan)) if undone else math.nan
+        self._rollback = None
+        self.rate, self.retries = decision.rate, decision.retries
+        if decision.action == "stop":
+            self.stopped = True
+        self._record_decision(trainer, decision.action, decision.reason, **fields)
+        if self.event_index < self.num_events:
+            return False  # the schedule goes on: its next event (maybe this epoch's) is the retry
+        room = trainer.max_epochs is None or trainer.max_epochs < 0 or epoch + 1 < trainer.max_epochs
+        if decision.action != "roll_back":
+            # Past the schedule, short of the target because of rollbacks: catch up while epochs remain.
+            last = self.records[-1] if self.records else {}
+            short = float(last.get("removed", 1.0)) < self.target - self.tolerance
+            return room and short and float(last.get("event_ratio", 0.0)) > 0
+        if room:
+            return True
+        self.stopped = True
+        self._record_decision(trainer, "stop", "rolled back at the last epoch: no epoch left to retry")
+        return False
+
+    def _roll_back(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        """Restore the model, the optimizers, the history, the records and the criterion's statistics."""
+        point = self._rollback
+        assert point is not None
+        assert self._graph is not None
+        point.restore(self._graph.history)
+        self._graph.rebuild()
+        n_records = int(point.extra["records"])
+        undone = self.records[n_records] if len(self.records) > n_records else {}
+        del self.records[n_records:]
+        self.importance.reset()
+        self.importance.load_state_dict(point.extra["importance"])
+        if not self.calibration:
+            self.calibration = list(point.extra["calibration"])
+        # The optimizers already point at the restored parameters; this re-wraps DDP around them.
+        self._rebind(trainer, pl_module, EventResult(levels=[], surgery=ParameterSurgery(), seconds=0.0))
+        return undone
+
+    def _record_decision(self, trainer: pl.Trainer, action: str, reason: str, **fields: Any) -> None:
+        entry: dict[str, Any] = {
+            "action": action,
+            "code": DECISION_CODES[action],
+            "reason": reason,
+            "epoch": trainer.current_epoch,
+            "step": trainer.global_step,
+            "rate": self.rate,
+            **fields,
+        }
+        self.decisions.append(entry)
+        metrics = {"hprune/decision": float(entry["code"]), "hprune/rate": float(self.rate)}
+        if "drop" in fields and math.isfinite(fields["drop"]):
+            metrics["hprune/drop"] = float(fields["drop"])
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        if self.verbose or action in ("roll_back", "stop", "speed_up"):
+            rank_zero_info(f"[hprune] decision at epoch {trainer.current_epoch}: {action} - {reason}")
+
+    def _adjust_state(self) -> dict[str, Any]:
+        return {
+            "rate": self.rate,
+            "retries": self.retries,
+            "stopped": self.stopped,
+            "decisions": [dict(d) for d in self.decisions],
+            "pending_check": None if self._pending_check is None else dict(self._pending_check),
+        }
+
+    def _load_adjust_state(self, state: dict[str, Any]) -> None:
+        self.rate = float(state.get("rate", 1.0))
+        self.retries = int(state.get("retries", 0))
+        self.stopped = bool(state.get("stopped", False))
+        self.decisions = [dict(d) for d in state.get("decisions", [])]
+        pending = state.get("pending_check")
+        self._pending_check = None if pending is None else {str(k): int(v) for k, v in pending.items()}
+        self._rollback = None  # the CPU copy is not checkpointed
+
+    def _apply_sensitivity(self, trainer: pl.Trainer, graph: PruningGraph, levels: Sequence[Level]) -> None:
+        """Run (or reuse) the sensitivity analysis and hand it to every `LayerLevel` without ratios."""
+        if self.sensitivity is None:
+            return
+        targets = [lv for lv in levels if isinstance(lv, LayerLevel) and not lv.ratios and not lv.sensitivity]
+        if not targets:
+            return
+        if self.sensitivity_drops is None:
+            cfg = self.sensitivity
+            log_dir = trainer.log_dir or trainer.default_root_dir  # every rank asks: it broadcasts
+            drops: dict[str, float] = {}
+            if trainer.is_global_zero:
+                batches = self._validation_batches(trainer, cfg.batches)
+                evaluate = batch_metric(batches, cfg.metric)
+                drops, reused = cached_sensitivity(
+                    os.path.join(log_dir, "hprune_sensitivity.json"),
+                    lambda: measure_sensitivity(graph, evaluate, cfg.fraction, mode=cfg.mode),
+                    cfg.settings(),
+                    [g.name for g in graph.groups()],
+                )
+                rank_zero_info(
+                    f"[hprune] sensitivity ({'reused from' if reused else 'measured, saved in'} {log_dir}): "
+                    + ", ".join(f"{k}={v:.4f}" for k, v in drops.items())
+                )
+            self.sensitivity_drops = trainer.strategy.broadcast(drops, src=0)
+        for lv in targets:
+            lv.sensitivity = dict(self.sensitivity_drops)
+
+    @staticmethod
+    def _validation_batches(trainer: pl.Trainer, n: int) -> list[Any]:
+        loaders = trainer.val_dataloaders
+        if isinstance(loaders, (list, tuple)):
+            loaders = loaders[0] if loaders else None
+        if loaders is None:
+            raise RuntimeError(
+                "The sensitivity analysis measures on validation batches, but the Trainer has no validation "
+                "dataloader. Give `fit` a validation dataloader, or set `sensitivity=None`."
+            )
+        batches = []
+        for batch in loaders:
+            batches.append(batch)
+            if len(batches) >= n:
+                break
+        return batches
 
     # ------------------------------------------------------------------ re-binding
     def _rebind(self, trainer: pl.Trainer, pl_module: pl.LightningModule, result: EventResult) -> None:
@@ -379,11 +958,15 @@ class PruningCallback(Callback):
             for p in problems:
                 rank_zero_warn(f"{type(self).__name__}: {p}.")
         strategy = trainer.strategy
-        wrapper = strategy.model
-        if isinstance(wrapper, torch.nn.parallel.DistributedDataParallel) and hasattr(
-            strategy, "_setup_model"
-        ):
-            strategy.model = strategy._setup_model(pl_module)
+        if isinstance(strategy.model, torch.nn.parallel.DistributedDataParallel):
+            # The old wrapper's reducer is bound to the old parameters: wrap the pruned module afresh. Every
+            # rank gets here at the same point (DDP's constructor is a collective that checks the shapes).
+            strategy.model = pl_module
+            configure = getattr(strategy, "configure_ddp", None)
+            if callable(configure):
+                configure()  # also re-registers the strategy's DDP communication hooks
+            else:
+                strategy.model = strategy._setup_model(pl_module)
 
     # ------------------------------------------------------------------ logging
     def _log_event(
@@ -409,12 +992,14 @@ class PruningCallback(Callback):
             "event_time_s": result.seconds,
             "levels": [
                 {
-                    "level": r.level,
+                    "level": name,
                     "removed": dict(r.removed),
+                    "blocks": list(r.blocks),
                     "cost_before": r.cost_before,
                     "cost_after": r.cost_after,
+                    "target_cost": r.target_cost,
                 }
-                for r in result.levels
+                for name, r in zip(level_names(result.levels), result.levels, strict=True)
             ],
         }
         if metric is not None:
@@ -423,9 +1008,12 @@ class PruningCallback(Callback):
             record["retained"] = metric / base if base else math.nan
         self.records.append(record)
         metrics = {f"hprune/{key}": float(v) for key, v in record.items() if isinstance(v, (int, float))}
-        for r in result.levels:
-            metrics[f"hprune/{r.level}/channels_removed"] = float(sum(r.removed.values()))
-            metrics[f"hprune/{r.level}/{self.cost}_removed"] = float(r.cost_before - r.cost_after)
+        # One namespace per level (a repeated level class gets a numeric suffix: global, global_1, ...).
+        for name, r in zip(level_names(result.levels), result.levels, strict=True):
+            metrics[f"hprune/{name}/channels_removed"] = float(sum(r.removed.values()))
+            metrics[f"hprune/{name}/blocks_removed"] = float(len(r.blocks))
+            metrics[f"hprune/{name}/{self.cost}_removed"] = float(r.cost_before - r.cost_after)
+            metrics[f"hprune/{name}/{self.cost}_after"] = float(r.cost_after)
         if metric is not None and self.monitor:
             metrics[f"hprune/{self.monitor}"] = metric
             metrics[f"hprune/retained_{self.monitor}"] = record["retained"]
@@ -467,33 +1055,57 @@ class PruningCallback(Callback):
             metrics[f"hprune/final_{self.monitor}"] = value
             if self.baseline.get("metric"):
                 metrics[f"hprune/final_retained_{self.monitor}"] = value / self.baseline["metric"]
+        if abs(summary["achieved"] - self.target) > 0.02:
+            rank_zero_warn(
+                f"{type(self).__name__} removed {summary['achieved']:.1%} of {self.cost}, more than 2 points "
+                f"from the target {self.target:.1%}: with round_to={self.round_to} the model's layers are too "
+                "narrow (or too capped) for a finer step. Use a smaller `round_to` or a larger `max_layer_ratio`."
+            )
         summary["structure"] = self._structure(pl_module)
         summary["events_log"] = self.records
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
+        # `trainer.log_dir` broadcasts under DDP: every rank asks, or rank 0 waits forever.
+        log_dir = trainer.log_dir or trainer.default_root_dir
         if trainer.is_global_zero:
-            self._write_report(trainer, summary)
+            self._write_report(trainer, summary, log_dir)
         self.summary = summary
 
     def _structure(self, pl_module: pl.LightningModule) -> dict[str, Any]:
         now = {g.name: g.size for g in self._graph.groups()} if self._graph is not None else {}
-        return {
-            "widths": {
-                n: {"before": self.original_size.get(n), "after": now.get(n)} for n in self.original_size
-            },
-            "removed_modules": [h["module"] for h in self.history_steps() if h.get("op") == "identity"],
-        }
+        removed = [str(h["module"]) for h in self.history_steps() if h.get("op") == "identity"]
+        widths: dict[str, dict[str, Any]] = {}
+        for n, before in self.original_size.items():
+            entry: dict[str, Any] = {"before": before, "after": now.get(n)}
+            gone = next((b for b in removed if n == b or n.startswith(f"{b}.")), None)
+            if gone is not None:
+                entry["removed_with"] = gone
+            widths[n] = entry
+        per_level: dict[str, dict[str, Any]] = {}
+        for record in self.records:
+            for entry in record.get("levels", []):
+                agg = per_level.setdefault(
+                    entry["level"], {"channels_removed": 0, "blocks_removed": [], f"{self.cost}_removed": 0.0}
+                )
+                agg["channels_removed"] += int(sum(entry.get("removed", {}).values()))
+                agg["blocks_removed"].extend(entry.get("blocks", []))
+                agg[f"{self.cost}_removed"] += float(entry["cost_before"]) - float(entry["cost_after"])
+        return {"widths": widths, "removed_modules": removed, "levels": per_level}
 
     def history_steps(self) -> list[dict[str, Any]]:
         """The structural steps applied so far (plain data)."""
         return list(self._graph.history) if self._graph is not None else list(self.history)
 
-    def _write_report(self, trainer: pl.Trainer, summary: dict[str, Any]) -> None:
-        log_dir = trainer.log_dir or trainer.default_root_dir
+    def _write_report(self, trainer: pl.Trainer, summary: dict[str, Any], log_dir: str | None = None) -> None:
+        log_dir = log_dir or trainer.log_dir or trainer.default_root_dir
         os.makedirs(log_dir, exist_ok=True)
         path = os.path.join(log_dir, "hprune_report.json")
         with open(path, "w") as f:
             json.dump(summary, f, indent=2, default=float)
+        if importlib.util.find_spec("matplotlib") is not None:
+            from lightning_hprune.report import plot_report
+
+            plot_report(summary, os.path.join(log_dir, "hprune_curves.png"))
         before, after = summary["before"], summary["after"]
         rows = [("params", "{:,.0f}"), ("macs", "{:,.0f}"), ("latency_ms", "{:.3f}")]
         if self.monitor:

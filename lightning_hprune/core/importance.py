@@ -3,18 +3,49 @@
 An importance object is called with a torch-pruning ``Group`` (full indices) and returns a 1-D tensor
 with one score per channel of the group's root; a *low* score means *prune first*. Scores are raw
 (not normalised); the levels normalise per group when groups compete.
+
+Criteria that need data follow a small protocol that the pruning callbacks drive, so no criterion runs
+extra training passes:
+
+1. :meth:`Importance.on_before_optimizer_step` after every optimizer step's gradients are final
+   (Lightning calls its hook of the same name after AMP unscaling and gradient accumulation);
+2. :meth:`Importance.prepare` once before an event (with the calibration inputs and, under DDP, a
+   function that sums a tensor over all processes, so every process scores the same);
+3. ``__call__(group)`` for every group, possibly in several rounds while the event prunes;
+4. :meth:`Importance.reset` after the event.
+
+Statistics survive the parameter replacement torch-pruning does while an event prunes: gradient
+statistics travel in the parameters' ``.grad`` (torch-pruning slices ``.grad`` with the weight), and
+activation statistics are gathered again whenever a layer's width no longer matches them.
 """
 
 from __future__ import annotations
 
 import abc
+import importlib
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch_pruning as tp
+from torch_pruning.pruner import function as tp_fn
 
-from lightning_hprune.core.validation import check_choice
+from lightning_hprune.core.graph import call_model, model_device_dtype, move_to, preserved_modes
+from lightning_hprune.core.validation import check_choice, check_int, check_positive
+
+#: Sums a tensor over every process (``None`` on a single process).
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+_OUT = (tp_fn.prune_conv_out_channels, tp_fn.prune_linear_out_channels)
+_IN = (tp_fn.prune_conv_in_channels, tp_fn.prune_linear_in_channels)
+_DEPTHWISE = (tp_fn.prune_depthwise_conv_out_channels, tp_fn.prune_depthwise_conv_in_channels)
+_NORM = (
+    tp_fn.prune_batchnorm_out_channels,
+    tp_fn.prune_layernorm_out_channels,
+    tp_fn.prune_groupnorm_out_channels,
+    tp_fn.prune_instancenorm_out_channels,
+)
 
 
 class Importance(abc.ABC):
@@ -26,20 +57,46 @@ class Importance(abc.ABC):
 
     #: True when the criterion reads statistics gathered from training steps.
     needs_training_statistics: bool = False
+    #: True when the criterion runs the calibration inputs through the model in :meth:`prepare`.
+    needs_calibration: bool = False
 
     @abc.abstractmethod
     def __call__(self, group: Any) -> torch.Tensor:
         """Return one score per channel of ``group`` (low = unimportant)."""
 
+    def on_before_optimizer_step(  # noqa: B027 - optional hook
+        self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None
+    ) -> None:
+        """Gather statistics from the final (unscaled, accumulated) gradients of one optimizer step."""
+
+    def prepare(  # noqa: B027 - optional hook
+        self, model: nn.Module, calibration: Sequence[Any] = (), reduce: Reduce | None = None
+    ) -> None:
+        """Get ready to score ``model`` (called once before each event).
+
+        Args:
+            model: the model about to be pruned.
+            calibration: recent model inputs (CPU tensors) for criteria that look at activations.
+            reduce: sums a tensor over all processes (DDP), so every process gets the same scores.
+
+        """
+
     def reset(self) -> None:  # noqa: B027 - optional hook
         """Forget gathered statistics (called after each pruning event)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Gathered statistics as CPU tensors (to restore them after a rollback)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:  # noqa: B027 - optional hook
+        """Restore statistics saved by :meth:`state_dict`."""
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({args})"
 
 
-def _magnitude_target_types() -> list[type]:
+def _magnitude_target_types() -> list[type[nn.Module]]:
     # A fresh list on every call: torch-pruning keeps mutable defaults.
     return [nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.LayerNorm]
 
@@ -79,25 +136,548 @@ class RandomImportance(Importance):
         return torch.rand(n, generator=self._gen)
 
 
-IMPORTANCES: dict[str, type[Importance]] = {
+# ---------------------------------------------------------------------- channel reductions
+def _index(idxs: Sequence[int], device: torch.device) -> torch.Tensor:
+    return torch.as_tensor([int(i) for i in idxs], dtype=torch.long, device=device)
+
+
+def _per_channel(
+    module: nn.Module, handler: Any, idxs: Sequence[int], tensors: Mapping[str, torch.Tensor | None]
+) -> torch.Tensor | None:
+    """Sum a weight-shaped score tensor (and a bias-shaped one) over the slice each channel owns.
+
+    ``tensors`` maps ``"weight"`` / ``"bias"`` to element-wise scores shaped like those parameters.
+    Returns one value per entry of ``idxs``, or ``None`` when the layer holds no such slice.
+    """
+    w, b = tensors.get("weight"), tensors.get("bias")
+    transposed = bool(getattr(module, "transposed", False))
+    out: torch.Tensor | None = None
+    if handler in _OUT or handler in _DEPTHWISE:
+        if w is not None:
+            t = w.transpose(0, 1) if transposed else w
+            out = t.flatten(1).sum(1).float()
+        if b is not None:
+            out = b.float() if out is None else out + b.float()
+        return None if out is None else out[_index(idxs, out.device)]
+    if handler in _IN:
+        if w is None:
+            return None
+        t = w if transposed else w.transpose(0, 1)
+        local = t.flatten(1).sum(1).float()
+        groups = getattr(module, "groups", 1)
+        if handler == tp_fn.prune_conv_in_channels and groups not in (1, module.in_channels):
+            local = local.repeat(groups)
+        return local[_index(idxs, local.device)]
+    if handler in _NORM:
+        for part in (w, b):
+            if part is not None:
+                out = part.float() if out is None else out + part.float()
+        return None if out is None else out[_index(idxs, out.device)]
+    return None
+
+
+def reduce_over_group(
+    group: Any,
+    local: Callable[[nn.Module, Any, Sequence[int]], torch.Tensor | None],
+    how: str = "sum",
+) -> torch.Tensor | None:
+    """Combine per-layer channel values of a group into one value per root channel.
+
+    Each layer's values are first averaged per root channel (a linear layer after ``flatten`` owns
+    several inputs per channel), then the layers are summed (``how="sum"``: the cost of removing the
+    channel from every layer) or averaged (``how="mean"``). Returns ``None`` when no layer contributes.
+    """
+    n = len(group[0].idxs)
+    total = torch.zeros(n)
+    layers = torch.zeros(n)
+    for i, (dep, idxs) in enumerate(group):
+        root_idxs = group[i].root_idxs
+        if any(r is None for r in root_idxs):
+            continue
+        values = local(dep.target.module, dep.handler, list(idxs))
+        if values is None:
+            continue
+        values = values.detach().float().cpu()
+        root = torch.as_tensor([int(r) for r in root_idxs], dtype=torch.long)
+        acc = torch.zeros(n).scatter_add_(0, root, values)
+        cnt = torch.zeros(n).scatter_add_(0, root, torch.ones_like(values))
+        total += acc / cnt.clamp(min=1)
+        layers += (cnt > 0).float()
+    if not bool((layers > 0).any()):
+        return None
+    if how == "mean":
+        return total / layers.clamp(min=1)
+    return total
+
+
+def _module_parameter(module: nn.Module, name: str) -> torch.Tensor | None:
+    p = module._parameters.get(name) if isinstance(module, nn.Module) else None
+    return p
+
+
+# ---------------------------------------------------------------------- data-driven criteria
+class TaylorImportance(Importance):
+    """First-order Taylor importance: ``sum |w * g|`` over the weights a channel owns.
+
+    ``|w * g|`` is accumulated element-wise over every optimizer step since the last event, from the
+    gradients Lightning hands to ``on_before_optimizer_step`` (already unscaled under AMP and complete
+    under gradient accumulation), so no extra forward or backward pass is run. Non-finite contributions
+    (a skipped AMP step) are ignored. The statistics take one float32 tensor per weight of the pruned
+    layer types. During an event they are carried in the parameters' ``.grad`` (torch-pruning slices
+    ``.grad`` together with the weights); every ``.grad`` of the model is cleared before and after the
+    event. Groups whose layers received no gradient (frozen) fall back to weight magnitude.
+
+    Args:
+        bias: also count ``|b * db|`` of biases.
+
+    """
+
+    needs_training_statistics = True
+
+    def __init__(self, bias: bool = True) -> None:
+        if not isinstance(bias, bool):
+            raise ValueError(f"Expected argument `bias` to be a bool, but got {bias!r}.")
+        self.bias = bias
+        self._acc: dict[str, torch.Tensor] = {}
+        self.steps = 0
+        self._model: nn.Module | None = None
+        self._fallback = MagnitudeImportance(p=2)
+
+    def _parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        names = ("weight", "bias") if self.bias else ("weight",)
+        targets = tuple(_magnitude_target_types())
+        out: dict[str, nn.Parameter] = {}
+        for mname, m in model.named_modules():
+            if not isinstance(m, targets):
+                continue
+            for pname in names:
+                p = m._parameters.get(pname)
+                if p is not None:
+                    out[f"{mname}.{pname}" if mname else pname] = p
+        return out
+
+    @torch.no_grad()
+    def on_before_optimizer_step(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None
+    ) -> None:
+        """Add ``|w * g|`` of this step (only the parameters of ``optimizer`` when given)."""
+        allowed = None
+        if optimizer is not None:
+            allowed = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        for key, p in self._parameters(model).items():
+            g = p.grad
+            if g is None or g.is_sparse or (allowed is not None and id(p) not in allowed):
+                continue
+            contrib = (p.detach().float() * g.detach().float()).abs_()
+            contrib = torch.nan_to_num_(contrib, nan=0.0, posinf=0.0, neginf=0.0)
+            acc = self._acc.get(key)
+            if acc is None or acc.shape != contrib.shape or acc.device != contrib.device:
+                self._acc[key] = contrib
+            else:
+                acc.add_(contrib)
+        self.steps += 1
+
+    @torch.no_grad()
+    def prepare(
+        self, model: nn.Module, calibration: Sequence[Any] = (), reduce: Reduce | None = None
+    ) -> None:
+        """Sum the statistics over processes and install them as ``.grad`` of the matching parameters.
+
+        Raises:
+            RuntimeError: no optimizer step was seen since the last event.
+
+        """
+        if not self._acc:
+            raise RuntimeError(
+                "TaylorImportance has no gradient statistics: no optimizer step was seen since the last "
+                "pruning event. The pruning callbacks feed it from `on_before_optimizer_step`; when scoring "
+                "by hand, call `importance.on_before_optimizer_step(model)` after each backward pass."
+            )
+        live = self._parameters(model)
+        keys = sorted(k for k, v in self._acc.items() if k in live and live[k].shape == v.shape)
+        if reduce is not None and keys:
+            device = live[keys[0]].device
+            flat = torch.cat([self._acc[k].to(device).flatten() for k in keys])
+            flat = reduce(flat)
+            offset = 0
+            for k in keys:
+                n = self._acc[k].numel()
+                self._acc[k] = flat[offset : offset + n].view_as(self._acc[k]).clone()
+                offset += n
+        for p in model.parameters():
+            p.grad = None
+        for k in keys:
+            p = live[k]
+            p.grad = self._acc[k].to(device=p.device, dtype=p.dtype)
+        self._model = model
+
+    @torch.no_grad()
+    def __call__(self, group: Any) -> torch.Tensor:
+        """Return the accumulated ``sum |w * g|`` of each channel, summed over the group's layers."""
+        if self._model is None:
+            raise RuntimeError("TaylorImportance was called before `prepare(model)`.")
+
+        def local(module: nn.Module, handler: Any, idxs: Sequence[int]) -> torch.Tensor | None:
+            tensors: dict[str, torch.Tensor | None] = {}
+            for name in ("weight", "bias") if self.bias else ("weight",):
+                p = _module_parameter(module, name)
+                tensors[name] = p.grad if p is not None else None
+            return _per_channel(module, handler, idxs, tensors)
+
+        scores = reduce_over_group(group, local, how="sum")
+        return scores if scores is not None else self._fallback(group)
+
+    def reset(self) -> None:
+        """Clear the statistics and the ``.grad`` carriers."""
+        if self._model is not None:
+            for p in self._model.parameters():
+                p.grad = None
+        self._model = None
+        self._acc = {}
+        self.steps = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """The accumulated statistics (CPU copies) and the number of steps."""
+        return {"acc": {k: v.detach().cpu().clone() for k, v in self._acc.items()}, "steps": self.steps}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore statistics saved by :meth:`state_dict`."""
+        self._acc = {str(k): v.clone() for k, v in dict(state.get("acc", {})).items()}
+        self.steps = int(state.get("steps", 0))
+
+
+class ActivationImportance(Importance):
+    """Activation statistics of each channel, from forward hooks over calibration batches.
+
+    The statistic is taken where a channel is *consumed*: at the input of every convolution and linear
+    layer that reads it (after ReLU-like functions, pooling, ...). With ``statistic="mean"`` the score is
+    the mean ``|activation|``; with ``"apoz"`` it is ``1 - APoZ`` (the fraction of non-zero activations),
+    so channels that are almost always zero go first. The model runs in eval mode without gradients;
+    hooks are removed right after. Statistics are gathered again when an event has changed a layer's
+    width. Groups no layer reads (none in practice) fall back to weight magnitude.
+
+    Args:
+        statistic: ``"mean"`` or ``"apoz"``.
+        num_batches: use the last ``num_batches`` calibration inputs (default: all the callback keeps,
+            see its ``calibration_batches``).
+
+    """
+
+    needs_calibration = True
+
+    def __init__(self, statistic: str = "mean", num_batches: int | None = None) -> None:
+        self.statistic = check_choice("statistic", statistic, ("mean", "apoz"))
+        self.num_batches = check_int("num_batches", num_batches, minimum=1, allow_none=True)
+        self._stats: dict[nn.Module, torch.Tensor] = {}
+        self._model: nn.Module | None = None
+        self._batches: list[Any] = []
+        self._reduce: Reduce | None = None
+        self._fallback = MagnitudeImportance(p=2)
+
+    def prepare(
+        self, model: nn.Module, calibration: Sequence[Any] = (), reduce: Reduce | None = None
+    ) -> None:
+        """Run the calibration inputs through ``model`` and record per-channel input statistics.
+
+        Raises:
+            RuntimeError: there are no calibration inputs.
+
+        """
+        batches = list(calibration)
+        if self.num_batches is not None:
+            batches = batches[-self.num_batches :]
+        if not batches:
+            raise RuntimeError(
+                "ActivationImportance needs calibration inputs, but got none. Set the pruning callback's "
+                "`calibration_batches` to at least 1 (or pass `calibration` to `prepare`)."
+            )
+        self._model, self._batches, self._reduce = model, batches, reduce
+        self._collect()
+
+    @staticmethod
+    def _in_width(module: nn.Module) -> int:
+        if isinstance(module, nn.modules.conv._ConvNd):
+            return int(module.in_channels)
+        return int(module.in_features)  # type: ignore[arg-type]
+
+    @torch.no_grad()
+    def _collect(self) -> None:
+        assert self._model is not None
+        model = self._model
+        layers = [
+            (n, m) for n, m in model.named_modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))
+        ]
+        sums: dict[nn.Module, torch.Tensor] = {}
+
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            x = args[0] if args else None
+            if not isinstance(x, torch.Tensor):
+                return
+            x = x.detach().float()
+            if isinstance(module, nn.modules.conv._ConvNd):
+                x = x.transpose(0, 1).reshape(x.shape[1], -1) if x.dim() > 1 else x.view(1, -1)
+            else:
+                x = x.reshape(-1, x.shape[-1]).t()
+            stats = torch.stack(
+                [x.abs().sum(1), (x == 0).float().sum(1), torch.full_like(x[:, 0], x.shape[1])]
+            )
+            sums[module] = stats if module not in sums else sums[module] + stats
+
+        handles = [m.register_forward_hook(hook) for _, m in layers]
+        device, dtype = model_device_dtype(model)
+        try:
+            with preserved_modes(model):
+                model.eval()
+                for batch in self._batches:
+                    call_model(model, move_to(batch, device, dtype))
+        finally:
+            for h in handles:
+                h.remove()
+        seen = [m for _, m in layers if m in sums]
+        if self._reduce is not None and seen:
+            flat = self._reduce(torch.cat([sums[m].flatten() for m in seen]))
+            offset = 0
+            for m in seen:
+                n = sums[m].numel()
+                sums[m] = flat[offset : offset + n].view_as(sums[m])
+                offset += n
+        self._stats = {}
+        for m in seen:
+            abs_sum, zeros, count = sums[m].cpu()
+            count = count.clamp(min=1)
+            self._stats[m] = abs_sum / count if self.statistic == "mean" else 1.0 - zeros / count
+
+    def _stale(self, group: Any) -> bool:
+        for dep, _ in group:
+            m = dep.target.module
+            if dep.handler in _IN and (m not in self._stats or self._stats[m].numel() != self._in_width(m)):
+                return True
+        return False
+
+    @torch.no_grad()
+    def __call__(self, group: Any) -> torch.Tensor:
+        """Return the mean activation statistic of each channel over the layers that read it."""
+        if self._model is None:
+            raise RuntimeError("ActivationImportance was called before `prepare(model, calibration)`.")
+        if self._stale(group):
+            self._collect()
+
+        def local(module: nn.Module, handler: Any, idxs: Sequence[int]) -> torch.Tensor | None:
+            if handler not in _IN or module not in self._stats:
+                return None
+            stats = self._stats[module]
+            if stats.numel() != self._in_width(module):
+                return None
+            return stats[_index(idxs, stats.device)]
+
+        scores = reduce_over_group(group, local, how="mean")
+        return scores if scores is not None else self._fallback(group)
+
+    def reset(self) -> None:
+        """Drop the statistics and the references to the model and calibration inputs."""
+        self._stats = {}
+        self._model = None
+        self._batches = []
+        self._reduce = None
+
+
+class BNScaleImportance(Importance):
+    """Network-slimming importance: ``|gamma|`` of the normalisation layers that follow a channel.
+
+    Groups without a normalisation layer fall back to weight magnitude (levels normalise scores per
+    group, so the two scales do not compete directly).
+    """
+
+    def __init__(self) -> None:
+        self._fallback = MagnitudeImportance(p=2)
+
+    @torch.no_grad()
+    def __call__(self, group: Any) -> torch.Tensor:
+        """Return the mean ``|gamma|`` of each channel over the group's normalisation layers."""
+
+        def local(module: nn.Module, handler: Any, idxs: Sequence[int]) -> torch.Tensor | None:
+            if handler not in _NORM:
+                return None
+            w = _module_parameter(module, "weight")
+            if w is None:
+                return None
+            return w.detach().abs()[_index(idxs, w.device)]
+
+        scores = reduce_over_group(group, local, how="mean")
+        return scores if scores is not None else self._fallback(group)
+
+
+# ---------------------------------------------------------------------- combination
+NORMALISERS = ("mean", "max", "rank")
+
+
+def normalise_scores(scores: torch.Tensor, how: str = "mean") -> torch.Tensor:
+    """Put one group's scores on a common scale.
+
+    ``"mean"`` / ``"max"`` divide by the mean / max of ``|scores|``; ``"rank"`` gives ranks in [0, 1].
+    """
+    scores = scores.float()
+    if how == "rank":
+        n = scores.numel()
+        if n < 2:
+            return torch.ones_like(scores)
+        ranks = torch.empty_like(scores)
+        ranks[torch.argsort(scores, stable=True)] = torch.arange(n, dtype=scores.dtype)
+        return ranks / (n - 1)
+    ref = scores.abs().max() if how == "max" else scores.abs().mean()
+    return scores / ref if ref > 0 else torch.zeros_like(scores)
+
+
+def _instantiate(spec: Mapping[str, Any]) -> Importance:
+    path = spec.get("class_path")
+    if not isinstance(path, str) or "." not in path:
+        raise ValueError(
+            "Expected a criterion given as a mapping to have a `class_path` like "
+            f"'lightning_hprune.core.importance.TaylorImportance', but got {dict(spec)!r}."
+        )
+    module_name, _, cls_name = path.rpartition(".")
+    cls = getattr(importlib.import_module(module_name), cls_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, Importance)):
+        raise ValueError(f"Expected `class_path` to name an `Importance` subclass, but got {path!r}.")
+    init_args = spec.get("init_args") or {}
+    if not isinstance(init_args, Mapping):
+        raise ValueError(f"Expected `init_args` of {path!r} to be a mapping, but got {init_args!r}.")
+    return cls(**dict(init_args))
+
+
+class IntegratedImportance(Importance):
+    """A weighted combination of criteria, each normalised per group before combining.
+
+    Args:
+        criteria: ``Importance`` objects, short names (``"l2"``, ``"taylor"``, ...) or mappings
+            ``{"class_path": ..., "init_args": {...}}`` (as in a LightningCLI YAML file).
+        weights: one non-negative weight per criterion (default: equal); they need not sum to one.
+        normalizer: ``"mean"`` (divide by the group's mean), ``"max"`` or ``"rank"`` (ranks in [0, 1]).
+
+    Example YAML (``importance:`` of a pruning callback)::
+
+        class_path: lightning_hprune.core.importance.IntegratedImportance
+        init_args:
+          criteria:
+            - class_path: lightning_hprune.core.importance.TaylorImportance
+            - class_path: lightning_hprune.core.importance.MagnitudeImportance
+              init_args: {p: 2}
+          weights: [0.7, 0.3]
+
+    """
+
+    def __init__(
+        self,
+        criteria: Sequence[Importance | str | Mapping[str, Any]],
+        weights: Sequence[float] | None = None,
+        normalizer: str = "mean",
+    ) -> None:
+        if (
+            isinstance(criteria, (str, Mapping, Importance))
+            or not isinstance(criteria, Sequence)
+            or not criteria
+        ):
+            raise ValueError(
+                f"Expected argument `criteria` to be a non-empty list of criteria, but got {criteria!r}."
+            )
+        self.criteria = [
+            _instantiate(c) if isinstance(c, Mapping) else resolve_importance(c) for c in criteria
+        ]
+        if weights is None:
+            weights = [1.0] * len(self.criteria)
+        if (
+            isinstance(weights, (str, bytes))
+            or not isinstance(weights, Sequence)
+            or len(weights) != len(self.criteria)
+        ):
+            raise ValueError(
+                f"Expected argument `weights` to be a list of {len(self.criteria)} numbers (one per "
+                f"criterion), but got {weights!r}."
+            )
+        self.weights = [check_positive("weights", w, allow_zero=True) for w in weights]
+        if sum(self.weights) <= 0:
+            raise ValueError(
+                f"Expected argument `weights` to have a positive sum, but got {list(weights)!r}."
+            )
+        self.normalizer = check_choice("normalizer", normalizer, NORMALISERS)
+
+    @property
+    def needs_training_statistics(self) -> bool:  # type: ignore[override]
+        """True when any member criterion needs training statistics."""
+        return any(c.needs_training_statistics for c in self.criteria)
+
+    @property
+    def needs_calibration(self) -> bool:  # type: ignore[override]
+        """True when any member criterion needs calibration inputs."""
+        return any(c.needs_calibration for c in self.criteria)
+
+    def __call__(self, group: Any) -> torch.Tensor:
+        """Return the weighted sum of the members' per-group normalised scores."""
+        total: torch.Tensor | None = None
+        for crit, w in zip(self.criteria, self.weights, strict=True):
+            if w == 0:
+                continue
+            part = w * normalise_scores(crit(group).detach().float().cpu(), self.normalizer)
+            total = part if total is None else total + part
+        assert total is not None
+        return total
+
+    def on_before_optimizer_step(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None
+    ) -> None:
+        """Forward to every member."""
+        for c in self.criteria:
+            c.on_before_optimizer_step(model, optimizer)
+
+    def prepare(
+        self, model: nn.Module, calibration: Sequence[Any] = (), reduce: Reduce | None = None
+    ) -> None:
+        """Forward to every member."""
+        for c in self.criteria:
+            c.prepare(model, calibration, reduce)
+
+    def reset(self) -> None:
+        """Forward to every member."""
+        for c in self.criteria:
+            c.reset()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The members' statistics, by position."""
+        return {"criteria": [c.state_dict() for c in self.criteria]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore the members' statistics."""
+        for c, s in zip(self.criteria, state.get("criteria", []), strict=False):
+            c.load_state_dict(s)
+
+
+IMPORTANCES: dict[str, Callable[[], Importance]] = {
     "magnitude": MagnitudeImportance,
-    "l1": MagnitudeImportance,
+    "l1": lambda: MagnitudeImportance(p=1),
     "l2": MagnitudeImportance,
     "random": RandomImportance,
+    "taylor": TaylorImportance,
+    "activation": ActivationImportance,
+    "apoz": lambda: ActivationImportance(statistic="apoz"),
+    "bn_scale": BNScaleImportance,
 }
 
 
-def resolve_importance(importance: Importance | str | None) -> Importance:
-    """Accept an ``Importance`` object or a short name (``"l1"``, ``"l2"``, ``"magnitude"``, ``"random"``)."""
+def resolve_importance(importance: Importance | str | Mapping[str, Any] | None) -> Importance:
+    """Accept an ``Importance`` object, a short name or a ``{"class_path": ..., "init_args": ...}`` mapping.
+
+    Short names: ``"l1"``, ``"l2"``/``"magnitude"``, ``"random"``, ``"taylor"``, ``"activation"``,
+    ``"apoz"``, ``"bn_scale"``.
+    """
     if importance is None:
         return MagnitudeImportance(p=2)
     if isinstance(importance, Importance):
         return importance
     if isinstance(importance, str):
         check_choice("importance", importance, IMPORTANCES)
-        if importance == "l1":
-            return MagnitudeImportance(p=1)
         return IMPORTANCES[importance]()
+    if isinstance(importance, Mapping):
+        return _instantiate(importance)
     raise ValueError(
         "Expected argument `importance` to be an `Importance` object or one of "
         f"{sorted(IMPORTANCES)}, but got {importance!r} ({type(importance).__name__})."

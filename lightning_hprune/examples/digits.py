@@ -149,3 +149,62 @@ class DigitsCNN(pl.LightningModule):
         epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 10
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+
+class DigitsResNet(DigitsCNN):
+    """A ResNet-20-like network for 16x16 digits: a 3x3 stem, three stages of ``BasicBlock``, a linear head.
+
+    Reuses :class:`~lightning_hprune.examples.digits.DigitsCNN`'s training, validation and optimizer.
+
+    Args:
+        widths: channels of the three stages (the 2nd and 3rd halve the resolution).
+        blocks: ``BasicBlock`` s per stage.
+        size: input image side.
+        lr: AdamW learning rate (cosine-annealed over ``max_epochs``).
+        weight_decay: AdamW weight decay.
+        optimizer: ``"adamw"`` or ``"sgd"``.
+
+    """
+
+    def __init__(
+        self,
+        widths: tuple[int, int, int] = (32, 64, 128),
+        blocks: tuple[int, int, int] = (3, 3, 3),
+        size: int = 16,
+        lr: float = 2e-3,
+        weight_decay: float = 1e-4,
+        optimizer: str = "adamw",
+    ) -> None:
+        from torchvision.models.resnet import BasicBlock  # optional dependency (the `examples` extra)
+
+        pl.LightningModule.__init__(self)
+        self.save_hyperparameters(
+            {
+                "widths": tuple(widths),
+                "blocks": tuple(blocks),
+                "size": size,
+                "lr": lr,
+                "weight_decay": weight_decay,
+                "optimizer": optimizer,
+            }
+        )
+        w = list(widths)
+        layers: list[nn.Module] = [
+            nn.Sequential(nn.Conv2d(1, w[0], 3, padding=1, bias=False), nn.BatchNorm2d(w[0]), nn.ReLU())
+        ]
+        c_in = w[0]
+        for stage, (c_out, n) in enumerate(zip(w, blocks, strict=True)):
+            stride = 1 if stage == 0 else 2
+            down = None
+            if stride != 1 or c_in != c_out:
+                down = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+            layers.append(
+                nn.Sequential(
+                    BasicBlock(c_in, c_out, stride, down), *[BasicBlock(c_out, c_out) for _ in range(n - 1)]
+                )
+            )
+            c_in = c_out
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, 10))
+        self.example_input_array = torch.zeros(1, 1, size, size)
+        self.val_acc = MulticlassAccuracy(num_classes=10, average="micro")
