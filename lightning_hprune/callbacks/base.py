@@ -12,9 +12,7 @@ import json
 import math
 import os
 import re
-import sys
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -25,6 +23,16 @@ from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcess
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
+from lightning_hprune.callbacks.inputs import example_from_batch, first_sample, model_input_from_batch
+from lightning_hprune.callbacks.transaction import (
+    EventTransaction,
+    describe_failure,
+    eager,
+    failing_module,
+    forward_failures,
+    recompile,
+    weight_averaging_types,
+)
 from lightning_hprune.checkpoint import STATE_MARKER, restore_structure
 from lightning_hprune.core.adjust import DECISION_CODES, AdjustConfig, decide, next_fraction
 from lightning_hprune.core.cost import COSTS
@@ -37,7 +45,6 @@ from lightning_hprune.core.engine import (
     run_event,
 )
 from lightning_hprune.core.graph import (
-    ModuleSnapshot,
     PruningError,
     PruningGraph,
     match_modules,
@@ -69,195 +76,6 @@ _REFUSED_STRATEGIES = {
     "ModelParallelStrategy": "parameters are DTensors sharded across devices",
     "XLAStrategy": "XLA compiles a static graph",
 }
-
-
-def model_input_from_batch(batch: Any) -> torch.Tensor | None:
-    """The documented rule for finding the model input in a training batch.
-
-    A tensor is the input; for a tuple or list, its first element; for a dict, the value under ``"x"``,
-    ``"input"``, ``"inputs"``, ``"input_ids"`` or ``"image"`` (a dict of several model inputs must be given as
-    ``example_input_array``). Returns ``None`` when no input tensor is found.
-    """
-    x: Any = batch
-    if isinstance(batch, (tuple, list)) and batch:
-        x = batch[0]
-    elif isinstance(batch, dict):
-        x = next((batch[k] for k in ("x", "input", "inputs", "input_ids", "image") if k in batch), None)
-    if not isinstance(x, torch.Tensor) or x.dim() == 0:
-        return None
-    return x
-
-
-def example_from_batch(batch: Any) -> Any:
-    """The first sample of the batch's model input (see :func:`model_input_from_batch`), on the CPU."""
-    x = model_input_from_batch(batch)
-    return None if x is None else x[:1].detach().cpu().clone()
-
-
-def _first_sample(example: Any) -> Any:
-    if isinstance(example, torch.Tensor):
-        return example[:1].detach().cpu().clone() if example.dim() > 0 else example.detach().cpu()
-    if isinstance(example, dict):
-        return {k: _first_sample(v) for k, v in example.items()}
-    if isinstance(example, (tuple, list)):
-        return tuple(_first_sample(v) for v in example)
-    return example
-
-
-# ---------------------------------------------------------------------- reliability helpers
-def _weight_averaging_types() -> tuple[type, ...]:
-    """Lightning callbacks that keep a copy of every parameter (``WeightAveraging`` is new in Lightning 2.5)."""
-    from lightning.pytorch import callbacks
-
-    names = ("StochasticWeightAveraging", "WeightAveraging")
-    return tuple(getattr(callbacks, n) for n in names if hasattr(callbacks, n))
-
-
-@contextmanager
-def _forward_failures(model: nn.Module) -> Iterator[dict[int, tuple[str, BaseException]]]:
-    """Record, for every exception raised inside a module's forward, the innermost module that raised it.
-
-    Yields ``id(exception) -> (module name, exception)``; ``""`` names ``model`` itself (code of its own
-    forward, outside any submodule).
-    """
-    failures: dict[int, tuple[str, BaseException]] = {}
-
-    def hook_for(name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            err = sys.exc_info()[1]
-            if output is None and err is not None and id(err) not in failures:
-                failures[id(err)] = (name, err)  # the innermost module's hook runs first
-
-        return hook
-
-    handles = [m.register_forward_hook(hook_for(n), always_call=True) for n, m in model.named_modules()]
-    try:
-        yield failures
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def _failing_module(err: BaseException, failures: dict[int, tuple[str, BaseException]]) -> str | None:
-    """The module recorded by :func:`_forward_failures` for ``err`` or an exception it was raised from."""
-    seen: set[int] = set()
-    stack: list[BaseException | None] = [err]
-    while stack:
-        e = stack.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if id(e) in failures and failures[id(e)][1] is e:
-            return failures[id(e)][0]
-        stack += [e.__cause__, e.__context__]
-    return None
-
-
-def _describe_failure(model: nn.Module, name: str | None, tracing: bool = False) -> str:
-    if name is None:
-        return ""
-    if name == "":
-        where = f"the forward of {type(model).__name__} itself (its own code, outside any submodule)"
-    else:
-        try:
-            where = f"module {name!r} ({type(model.get_submodule(name)).__name__})"
-        except AttributeError:
-            where = f"module {name!r}"
-    if tracing:
-        return f" The forward raised inside {where}."
-    return (
-        f" The model's forward raised inside {where}: torch-pruning could not follow the channels through it "
-        "(a hard-coded shape, a raw parameter used outside a standard layer, or an op it does not know). "
-        "Keep the widths it depends on fixed by adding the layers that produce its input to `ignored_layers`, "
-        "or use standard layers (nn.Conv2d, nn.Linear, ...) for its parameters."
-    )
-
-
-def _eager() -> Any:
-    """Run compiled code eagerly (``torch.compiler.set_stance``, torch >= 2.6) while pruning traces and measures."""
-    set_stance = getattr(torch.compiler, "set_stance", None)
-    return set_stance("force_eager") if set_stance is not None else nullcontext()
-
-
-def _compiled_codes(pl_module: nn.Module) -> list[Any]:
-    """Code objects that ``torch.compile`` caches for this module: Lightning's compiled steps and compiled children.
-
-    A compiled child's cache lives on a function that every ``torch.compile``d module of the process shares:
-    dropping it makes those recompile once too.
-    """
-    codes = []
-    ctx = getattr(pl_module, "_compiler_ctx", None) or {}
-    fns = [v for k, v in ctx.items() if k.startswith("original_")]
-    fns += [
-        getattr(m.forward, "_torchdynamo_orig_callable", None)
-        for m in pl_module.modules()
-        if hasattr(m, "_orig_mod") and hasattr(m, "dynamo_ctx")
-    ]
-    for fn in fns:
-        code = getattr(getattr(fn, "__func__", fn), "__code__", None)
-        if code is not None:
-            codes.append(code)
-    return codes
-
-
-def _recompile(pl_module: nn.Module) -> None:
-    """Drop what ``torch.compile`` cached for the old shapes, so that the pruned model compiles afresh.
-
-    Without this, every event adds entries until dynamo's recompile limit makes it fall back to eager.
-    """
-    reset_code = getattr(torch._dynamo, "reset_code", None)
-    if reset_code is None:
-        return
-    for code in _compiled_codes(pl_module):
-        reset_code(code)
-
-
-class _EventTransaction:
-    """Everything a pruning event may change, kept by reference (no copy of any weight), to undo it exactly.
-
-    The model's modules (parameters, buffers, children, attributes), the optimizers' parameter lists and
-    per-parameter state, the strategy's (DDP) wrapper, the pruning graph's history and the callback's own
-    attributes. LR schedulers hold only the optimizer (an unchanged object) and their own counters, which an
-    event does not touch.
-    """
-
-    def __init__(self, callback: Callback, trainer: pl.Trainer, pl_module: nn.Module) -> None:
-        self.callback = callback
-        self.attributes = {k: _shallow(v) for k, v in callback.__dict__.items()}
-        graph = getattr(callback, "_graph", None)
-        self.graph = graph
-        self.history_len = len(graph.history) if graph is not None else 0
-        self.modules = ModuleSnapshot(pl_module)
-        self.optimizers = [
-            (opt, [list(g["params"]) for g in opt.param_groups], dict(opt.state))
-            for opt in trainer.optimizers
-        ]
-        self.strategy = trainer.strategy
-        self.wrapper = trainer.strategy.model
-
-    def restore(self) -> None:
-        """Put the model, optimizers, wrapper, graph and callback back as they were."""
-        self.modules.restore()
-        for opt, groups, state in self.optimizers:
-            for group, params in zip(opt.param_groups, groups, strict=True):
-                group["params"] = params
-            opt.state.clear()
-            opt.state.update(state)
-        if self.strategy.model is not self.wrapper:
-            self.strategy.model = self.wrapper  # still bound to the restored (original) parameters
-        self.callback.__dict__.clear()
-        self.callback.__dict__.update(self.attributes)
-        if self.graph is not None:
-            del self.graph.history[self.history_len :]
-            self.graph.rebuild()
-
-
-def _shallow(value: Any) -> Any:
-    if isinstance(value, list):
-        return list(value)
-    if isinstance(value, dict):
-        return dict(value)
-    return value
 
 
 class PruningCallback(Callback):
@@ -492,7 +310,7 @@ class PruningCallback(Callback):
                 "which is still unpruned and cannot hold them. Use strategy='ddp' (one script per process) or a "
                 "single device; load the pruned result with `lightning_hprune.load_pruned(...)`."
             )
-        averaging_types = _weight_averaging_types()
+        averaging_types = weight_averaging_types()
         callbacks: list[Callback] = list(getattr(trainer, "callbacks", []))
         averaging = [type(c).__name__ for c in callbacks if isinstance(c, averaging_types)]
         if averaging:
@@ -523,7 +341,7 @@ class PruningCallback(Callback):
         def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
             state = (checkpoint.get("callbacks") or {}).get(callback.state_key)
             if state and state.get("history") and not callback.history and callback._graph is None:
-                with _eager():
+                with eager():
                     graph = restore_structure(
                         pl_module, {"callbacks": {callback.state_key: state}}, callback._ignored(pl_module)
                     )
@@ -544,14 +362,14 @@ class PruningCallback(Callback):
         # Trace as soon as the example input is known (the model is on its device by now): a model that
         # torch-pruning cannot trace, or one with nothing prunable, fails before the first epoch.
         if self.example_input is None and pl_module.example_input_array is not None:
-            self.example_input = _first_sample(pl_module.example_input_array)
+            self.example_input = first_sample(pl_module.example_input_array)
         if self.example_input is None or self.event_index >= self.num_events:
             return
-        with _forward_failures(pl_module) as failures:
+        with forward_failures(pl_module) as failures:
             try:
                 self._ensure_graph(pl_module)
             except PruningError as err:
-                where = _describe_failure(pl_module, _failing_module(err, failures), tracing=True)
+                where = describe_failure(pl_module, failing_module(err, failures), tracing=True)
                 raise PruningError(f"{err}{where}") from err
 
     # ------------------------------------------------------------------ schedule
@@ -577,7 +395,7 @@ class PruningCallback(Callback):
     ) -> None:
         if self.example_input is None:
             if pl_module.example_input_array is not None:
-                self.example_input = _first_sample(pl_module.example_input_array)
+                self.example_input = first_sample(pl_module.example_input_array)
             else:
                 self.example_input = example_from_batch(batch)
                 if self.example_input is None:
@@ -607,7 +425,7 @@ class PruningCallback(Callback):
                 raise ValueError(
                     f"{type(self).__name__} saw no training batch and `example_input_array` is not set."
                 )
-            self.example_input = _first_sample(pl_module.example_input_array)
+            self.example_input = first_sample(pl_module.example_input_array)
         self._prune_event(trainer, pl_module)
 
     def _ignored(self, pl_module: nn.Module) -> list[nn.Module]:
@@ -616,7 +434,7 @@ class PruningCallback(Callback):
 
     def _ensure_graph(self, pl_module: pl.LightningModule) -> PruningGraph:
         if self._graph is None or self._graph.model is not pl_module:
-            with _eager():
+            with eager():
                 graph = PruningGraph(pl_module, self.example_input, ignored_layers=self._ignored(pl_module))
                 if self.history and not graph.history:
                     current = {g.name: g.size for g in graph.groups()}
@@ -661,16 +479,16 @@ class PruningCallback(Callback):
 
     def _guarded_event(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Run :meth:`_prune_event` as a transaction: a failure, even an interrupt, leaves nothing changed."""
-        transaction = _EventTransaction(self, trainer, pl_module)
+        transaction = EventTransaction(self, trainer, pl_module)
         self._in_event = True
         try:
-            with _forward_failures(pl_module) as failures, _eager():
+            with forward_failures(pl_module) as failures, eager():
                 self._prune_event(trainer, pl_module)
         except BaseException as err:
             transaction.restore()
             if not isinstance(err, Exception):
                 raise  # KeyboardInterrupt, SystemExit: undone, then passed on
-            where = _describe_failure(pl_module, _failing_module(err, failures))
+            where = describe_failure(pl_module, failing_module(err, failures))
             raise PruningError(
                 f"{type(self).__name__}: the pruning event at epoch {trainer.current_epoch} failed "
                 f"({type(err).__name__}: {err}).{where} The model, its optimizers (parameters and state), the "
@@ -679,7 +497,7 @@ class PruningCallback(Callback):
             ) from err
         finally:
             self._in_event = False
-        _recompile(pl_module)
+        recompile(pl_module)
 
     def _prune_event(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not getattr(self, "_in_event", False):  # every event runs as a transaction
@@ -884,7 +702,8 @@ class PruningCallback(Callback):
             metrics["hprune/drop"] = float(fields["drop"])
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
-        if self.verbose or action in ("roll_back", "stop", "speed_up"):
+        # The event line already says what was pruned: a routine decision is printed only in closed loop.
+        if action in ("roll_back", "stop", "speed_up") or (self.verbose and self.max_drop is not None):
             rank_zero_info(f"[hprune] decision at epoch {trainer.current_epoch}: {action} - {reason}")
 
     def _adjust_state(self) -> dict[str, Any]:
