@@ -260,7 +260,7 @@ class BlockLevel(ModuleLevel):
         self.max_score = (
             None if max_score is None else check_positive("max_score", max_score, allow_zero=True)
         )
-        self.max_samples = int(check_int("max_samples", max_samples, minimum=1) or 1)
+        self.max_samples = check_int("max_samples", max_samples, minimum=1)
 
     def check_model(self, model: nn.Module) -> None:
         """Every pattern must match at least one module name of ``model``."""

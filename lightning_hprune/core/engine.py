@@ -72,18 +72,17 @@ def prune_level(
         gap = current - target_cost
         if gap <= (0.0 if strict else tolerance):
             break
-        removed_modules = [str(h["module"]) for h in graph.history if h.get("op") == "identity"]
+        common = {
+            "original_size": original_size,
+            "round_to": round_to,
+            "model": graph.model,
+            "calibration": calibration,
+            "example_inputs": graph.example_inputs,
+            "removed_modules": [str(h["module"]) for h in graph.history if h.get("op") == "identity"],
+        }
         if isinstance(level, ModuleLevel):
             ctx = SelectionContext(
-                groups=(),
-                scores={},
-                cost=CostModel(kind=kind, total=current, per_channel={}),
-                original_size=original_size,
-                round_to=round_to,
-                model=graph.model,
-                calibration=calibration,
-                example_inputs=graph.example_inputs,
-                removed_modules=removed_modules,
+                groups=(), scores={}, cost=CostModel(kind=kind, total=current, per_channel={}), **common
             )
             names = list(level.select_modules(ctx, gap))
             if agree is not None:
@@ -98,15 +97,7 @@ def prune_level(
                 break
             scores = {g.name: importance(g.group) for g in groups}
             ctx = SelectionContext(
-                groups=groups,
-                scores=scores,
-                cost=build_cost_model(graph, groups, kind),
-                original_size=original_size,
-                round_to=round_to,
-                model=graph.model,
-                calibration=calibration,
-                example_inputs=graph.example_inputs,
-                removed_modules=removed_modules,
+                groups=groups, scores=scores, cost=build_cost_model(graph, groups, kind), **common
             )
             removals = {k: v for k, v in level.select(ctx, gap).items() if v}
             if not removals and strict:

@@ -565,7 +565,7 @@ class WindowLevel(Level):
         schedule: str | None = None,
     ) -> None:
         super().__init__(share=share, max_layer_ratio=max_layer_ratio, schedule=schedule)
-        self.window_size = int(check_int("window_size", window_size, minimum=1) or 1)
+        self.window_size = check_int("window_size", window_size, minimum=1)
         self.reduce = check_choice("reduce", reduce, self.REDUCTIONS)
 
     def _score(self, values: torch.Tensor) -> float:
