@@ -385,8 +385,9 @@ class PruningCallback(Callback):
         return self.start_epoch <= epoch <= end and (epoch - self.start_epoch) % self.every_n_epochs == 0
 
     def target_fraction(self, k: int) -> float:
-        """Cumulative fraction of the cost removed after event ``k``."""
-        return self.target * self._schedule_fn(k, self.num_events)
+        """Cumulative fraction of the cost scheduled to be removed after event ``k`` (all levels)."""
+        levels = self.levels_for_event()
+        return sum(level_fractions(levels, self.target, k, self.num_events, self._schedule_fn, self.decay))
 
     # ------------------------------------------------------------------ hooks
     @override

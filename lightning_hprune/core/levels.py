@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from lightning_hprune.core.cost import CostModel
 from lightning_hprune.core.graph import ChannelGroup
+from lightning_hprune.core.importance import normalise_scores
 from lightning_hprune.core.schedules import SCHEDULES
 from lightning_hprune.core.validation import check_choice, check_fraction, check_int, check_positive
 
@@ -136,9 +137,7 @@ def take_cheapest(
 
 def normalise(scores: torch.Tensor) -> torch.Tensor:
     """Divide by the group's mean so that layers with different scales compete fairly."""
-    scores = scores.float()
-    mean = scores.abs().mean()
-    return scores / mean if mean > 0 else scores
+    return normalise_scores(scores, "mean")
 
 
 class Level(abc.ABC):
