@@ -30,7 +30,7 @@ class RecordingIntegrated(IntegratedImportance):
         super().__init__(["taylor", "activation"], weights=[1.0, 1.0])
         self.out_dir = out_dir
         self.event = 0
-        self.scores: dict[str, list[float]] = {}
+        self.scores: list[list[float]] = []  # in call order, which is deterministic on every process
         self.local: list[list[float]] = []
 
     def prepare(self, model: nn.Module, calibration: Any = (), reduce: Reduce | None = None) -> None:
@@ -44,16 +44,16 @@ class RecordingIntegrated(IntegratedImportance):
 
     def __call__(self, group: Any) -> torch.Tensor:
         scores = super().__call__(group)
-        self.scores.setdefault(str(id(group)), scores.tolist())
+        self.scores.append(scores.tolist())
         return scores
 
     def reset(self) -> None:
         super().reset()
         rank = dist.get_rank()
         path = Path(self.out_dir) / f"event{self.event}_rank{rank}.json"
-        path.write_text(json.dumps({"scores": list(self.scores.values()), "local": self.local}))
+        path.write_text(json.dumps({"scores": self.scores, "local": self.local}))
         self.event += 1
-        self.scores, self.local = {}, []
+        self.scores, self.local = [], []
 
 
 class WriteStructure(pl.Callback):
