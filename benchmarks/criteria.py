@@ -2,12 +2,13 @@
 
 Trains the digits CNN (``lightning_hprune.examples.digits.DigitsCNN``) once; then, for every criterion,
 starts from the same trained weights and runs ``HierarchicalPruning(target=0.75, cost="macs",
-levels=[LayerLevel()])`` for ``--events + --recovery`` epochs: one training epoch per event (it feeds the
+levels=[GlobalLevel()])`` for ``--events + --recovery`` epochs: one training epoch per event (it feeds the
 Taylor statistics and the calibration batches, identically for every criterion), the events at the end
 of the first ``--events`` epochs (geometric schedule; ``--events 1`` is one-shot), then ``--recovery``
-epochs of fine-tuning. ``LayerLevel()`` gives every layer the same ratio, so the criterion only decides
-*which* channels go inside each layer (``--level global`` lets the normalised scores also decide how much
-each layer loses).
+epochs of fine-tuning. ``GlobalLevel()`` is what ``HierarchicalPruning()`` uses on a plain CNN (no blocks
+to remove): the normalised scores decide both which channels go and how much each layer loses.
+``--level layer`` gives every layer the same ratio instead, so the criterion only decides *which*
+channels go inside each layer.
 
 Reported per criterion:
 
@@ -18,10 +19,11 @@ Reported per criterion:
 * **acc. after pruning, raw**: the same without recalibration (for completeness);
 * **acc. after recovery**: after the fine-tuning epochs (on this easy task every criterion recovers).
 
-Random is run with ``--random-seeds`` seeds (mean +- std), since one draw can be lucky or unlucky.
-A few minutes on 2 CPU cores with the defaults (6.5 min measured while other jobs shared them).
+Every criterion is run with ``--seeds`` seeds (mean +- std): the seed sets the training order of the
+pruning epochs, hence the Taylor statistics and calibration batches, and the random scores. One draw can
+be lucky or unlucky, for every criterion. About 12 minutes on 2 CPU cores with the defaults.
 
-Run:  python benchmarks/criteria.py [--epochs 6] [--events 3] [--recovery 1] [--json out.json]
+Run:  python benchmarks/criteria.py [--epochs 6] [--events 3] [--recovery 1] [--seeds 3] [--json out.json]
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ CRITERIA: dict[str, Callable[[int], Importance]] = {
     "taylor": lambda seed: TaylorImportance(),
     "activation (mean)": lambda seed: ActivationImportance(statistic="mean"),
     "activation (apoz)": lambda seed: ActivationImportance(statistic="apoz"),
+    "activation (mean, weighted)": lambda seed: ActivationImportance(statistic="mean", weighted=True),
     "bn_scale": lambda seed: BNScaleImportance(),
     "integrated (taylor+l1+bn)": lambda seed: IntegratedImportance(
         [TaylorImportance(), MagnitudeImportance(p=1), BNScaleImportance()], weights=[1.0, 1.0, 1.0]
@@ -193,13 +196,19 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=6, help="dense training epochs")
     parser.add_argument("--events", type=int, default=3, help="pruning events, one per epoch")
     parser.add_argument("--recovery", type=int, default=1, help="fine-tuning epochs after the last event")
-    parser.add_argument("--random-seeds", type=int, default=3, help="runs of the random criterion")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=3,
+        help="runs per criterion (seeds the training order, the calibration batches and random scores)",
+    )
     parser.add_argument("--criteria", nargs="*", default=list(CRITERIA), choices=list(CRITERIA))
     parser.add_argument(
         "--level",
-        default="layer",
+        default="global",
         choices=["layer", "global"],
-        help="layer: one ratio for every layer (isolates the criterion); global: one ranking over all layers",
+        help="global (the callback's default level for a plain CNN): one ranking over all layers; layer: one "
+        "ratio for every layer (only the choice of channels inside each layer differs)",
     )
     parser.add_argument("--root", default="/tmp/hprune_bench_criteria", help="Lightning's default_root_dir")
     parser.add_argument("--json", default=None, help="also write the raw results here")
@@ -211,7 +220,7 @@ def main() -> None:
     print(f"dense: {dense_acc:.4f} after {args.epochs} epochs ({time.perf_counter() - t0:.0f}s)", flush=True)
     rows: list[dict[str, Any]] = []
     for name in args.criteria:
-        for seed in range(args.random_seeds if name == "random" else 1):
+        for seed in range(args.seeds):
             r = prune_with(name, dense, args.level, args.events, args.recovery, seed, args.root)
             rows.append(r)
             print(

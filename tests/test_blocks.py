@@ -128,17 +128,47 @@ def test_transformer_blocks_in_a_module_list_are_removed_and_macs_drop():
     assert model(torch.randn(2, 6, 8)).shape == (2, 3)
 
 
-def test_blocks_of_torch_transformer_encoder_are_refused_not_broken():
-    # nn.TransformerEncoder calls its layers with keyword arguments and reads layers[0].self_attn: replacing a
-    # layer by nn.Identity breaks the model, so the scoring refuses every layer and the model is unchanged.
+def test_torch_transformer_encoder_layers_are_removable_except_the_one_it_inspects():
+    # nn.TransformerEncoder calls its layers with keyword arguments (a removed block accepts and ignores
+    # them) and reads layers[0].self_attn for its fast path: without layer 0 the model fails, so the scoring
+    # refuses exactly that one and leaves the model unchanged.
     layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
-    model = nn.Sequential(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), nn.Linear(16, 3))
+    model = nn.Sequential(nn.TransformerEncoder(layer, 3, enable_nested_tensor=False), nn.Linear(16, 3))
     names = find_blocks(model)
     scores, refused = block_scores(model, names, [torch.randn(4, 5, 16)])
-    assert scores == {}
-    assert set(refused) == set(names)
-    assert all("fails without it" in why for why in refused.values())
+    assert set(scores) == {"0.layers.1", "0.layers.2"}
+    assert list(refused) == ["0.layers.0"]
+    assert "fails without it" in refused["0.layers.0"]
     assert all(isinstance(model.get_submodule(n), nn.TransformerEncoderLayer) for n in names)
+
+
+def test_hugging_face_encoder_layers_are_removed_and_the_model_runs():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(
+        hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, vocab_size=40
+    )
+    model = transformers.BertModel(cfg).eval()
+    ids = {"input_ids": torch.randint(0, 40, (1, 6))}
+    assert find_blocks(model) == [f"encoder.layer.{i}" for i in range(4)]
+    graph = PruningGraph(model, ids)
+    dense = measure_cost(model, ids, "macs")
+    calibration = [{"input_ids": torch.randint(0, 40, (4, 6))}]
+    result, _ = prune_level(
+        graph,
+        BlockLevel(max_blocks=2),
+        MagnitudeImportance(),
+        "macs",
+        0.0,
+        {},
+        1,
+        0.0,
+        calibration=calibration,
+    )
+    assert len(result.blocks) == 2
+    assert measure_cost(model, ids, "macs") < dense
+    out = model(input_ids=torch.randint(0, 40, (2, 6))).last_hidden_state
+    assert out.shape == (2, 6, 32)
 
 
 # ---------------------------------------------------------------- scoring

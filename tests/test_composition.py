@@ -268,6 +268,7 @@ EXPECTED = {
     "hierarchy_unit_threshold.yaml": [GlobalLevel, UnitLevel],
     "hierarchy_blocks_only.yaml": [BlockLevel],
     "hierarchy_windows_only.yaml": [WindowLevel],
+    "hierarchy_vit.yaml": [BlockLevel, GlobalLevel],
 }
 
 
@@ -312,6 +313,29 @@ def test_hierarchy_yaml_runs_a_short_fit_through_the_cli(tmp_path, monkeypatch):
     assert [lv["level"] for lv in cb.records[-1]["levels"]] == ["block", "global", "window"]
     assert cb.records[-1]["levels"][0]["blocks"]  # the block level acted in full at the first event
     assert (tmp_path / "logs" / "hierarchy_block_global_window").is_dir()
+
+
+def test_vit_yaml_prunes_blocks_and_heads_through_the_cli(tmp_path, monkeypatch):
+    pytest.importorskip("timm")
+    monkeypatch.chdir(tmp_path)
+    config = yaml.safe_load((ROOT / "examples" / "hierarchy_vit.yaml").read_text())
+    config["trainer"]["max_epochs"] = 2
+    config["data"]["init_args"]["limit"] = 128
+    config["model"]["init_args"] = {"embed_dim": 64, "depth": 4, "num_heads": 4, "mlp_ratio": 2.0}
+    config["trainer"]["callbacks"][0]["init_args"].update(start_epoch=0, end_epoch=0, target=0.5)
+    path = tmp_path / "short.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cli = build_cli(["fit", "--config", str(path)])
+    [cb] = [c for c in cli.trainer.callbacks if isinstance(c, HierarchicalPruning)]
+    assert cb.records[-1]["removed"] >= 0.5 - 1e-6
+    ops = [h["op"] for h in cb.history_steps()]
+    assert "identity" in ops  # a whole encoder block
+    assert "heads" in ops or "channels" in ops
+    vit = cli.model.vit
+    for block in vit.blocks:
+        if hasattr(block, "attn"):
+            assert block.attn.qkv.out_features == 3 * block.attn.num_heads * block.attn.head_dim
+    assert cli.model(torch.zeros(2, 1, 16, 16)).shape == (2, 10)
 
 
 # ---------------------------------------------------------------- the benchmark runs

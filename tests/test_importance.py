@@ -298,6 +298,24 @@ def test_activation_prunes_always_zero_channel_first(statistic: str) -> None:
     crit.reset()
 
 
+def test_weighted_activation_drops_an_active_channel_the_next_layer_ignores() -> None:
+    """A busy channel whose consuming weights are zero contributes nothing: only `weighted=True` sees it."""
+    net = tiny_net()
+    with torch.no_grad():
+        net[1].bias[ZERO] = 5.0  # the most active channel after ReLU ...
+        net[3].weight[:, ZERO] = 0.0  # ... that the next convolution never reads
+    graph = PruningGraph(net, torch.zeros(1, 3, 4, 4))
+    plain, weighted = ActivationImportance(), ActivationImportance(weighted=True)
+    for crit in (plain, weighted):
+        crit.prepare(net, calibration())
+    assert int(plain(groups_of(graph)["0"]).argmax()) == ZERO
+    scores = weighted(groups_of(graph)["0"])
+    assert int(scores.argmin()) == ZERO
+    assert scores[ZERO] == 0.0
+    with pytest.raises(ValueError, match="`weighted` to be a bool"):
+        ActivationImportance(weighted="yes")  # type: ignore[arg-type]
+
+
 def test_activation_runs_in_eval_mode_without_touching_bn_statistics() -> None:
     net, _graph = dead_channel_net()
     net.train()
@@ -509,7 +527,7 @@ def test_bad_arguments(make: Any, match: str) -> None:
 
 
 # ---------------------------------------------------------------------- end to end
-@pytest.mark.parametrize("importance", ["taylor", "activation", "apoz", "bn_scale", "integrated"])
+@pytest.mark.parametrize("importance", ["taylor", "activation", "apoz", "activation_weighted", "bn_scale", "integrated"])
 def test_each_criterion_prunes_during_fit(tmp_path: Any, importance: str) -> None:
     pl.seed_everything(0)
     crit: Any = importance

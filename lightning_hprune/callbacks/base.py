@@ -455,6 +455,13 @@ class PruningCallback(Callback):
                     + f", so the target {self.target:.0%} of {self.cost} cannot be reached. Leave at least one "
                     "layer that does not produce the model's output out of `ignored_layers`."
                 )
+            if graph.protected_groups:
+                rank_zero_warn(
+                    f"{type(self).__name__}: the attention layers {sorted(set(graph.protected_groups.values()))} "
+                    "are not a recognised layout (timm `qkv` or Hugging Face `query`/`key`/`value`), so the "
+                    f"groups {sorted(graph.protected_groups)} that would cut through their heads are not "
+                    "pruned. Their other widths (MLP, residual stream) still are."
+                )
             self._graph = graph
         return self._graph
 
@@ -892,11 +899,16 @@ class PruningCallback(Callback):
         self.summary = summary
 
     def _structure(self, pl_module: pl.LightningModule) -> dict[str, Any]:
-        now = {g.name: g.size for g in self._graph.groups()} if self._graph is not None else {}
+        groups = self._graph.groups() if self._graph is not None else []
+        now = {g.name: g.size for g in groups}
+        heads = {g.name for g in groups if g.kind == "heads"}
+        heads.update(str(h["module"]) for h in self.history_steps() if h.get("op") == "heads")
         removed = [str(h["module"]) for h in self.history_steps() if h.get("op") == "identity"]
         widths: dict[str, dict[str, Any]] = {}
         for n, before in self.original_size.items():
             entry: dict[str, Any] = {"before": before, "after": now.get(n)}
+            if n in heads:
+                entry["unit"] = "heads"
             gone = next((b for b in removed if n == b or n.startswith(f"{b}.")), None)
             if gone is not None:
                 entry["removed_with"] = gone
@@ -905,9 +917,16 @@ class PruningCallback(Callback):
         for record in self.records:
             for entry in record.get("levels", []):
                 agg = per_level.setdefault(
-                    entry["level"], {"channels_removed": 0, "blocks_removed": [], f"{self.cost}_removed": 0.0}
+                    entry["level"],
+                    {
+                        "channels_removed": 0,
+                        "heads_removed": 0,
+                        "blocks_removed": [],
+                        f"{self.cost}_removed": 0.0,
+                    },
                 )
-                agg["channels_removed"] += int(sum(entry.get("removed", {}).values()))
+                for name, count in entry.get("removed", {}).items():
+                    agg["heads_removed" if name in heads else "channels_removed"] += int(count)
                 agg["blocks_removed"].extend(entry.get("blocks", []))
                 agg[f"{self.cost}_removed"] += float(entry["cost_before"]) - float(entry["cost_after"])
         return {"widths": widths, "removed_modules": removed, "levels": per_level}

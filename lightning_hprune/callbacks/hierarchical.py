@@ -47,7 +47,7 @@ class HierarchicalPruning(PruningCallback):
         end_epoch: last event epoch (default: half of ``max_epochs``, leaving the rest for recovery).
         every_n_epochs: epochs between events.
         importance: the criterion: an ``Importance`` object, or ``"l1"``, ``"l2"``, ``"taylor"``,
-            ``"activation"``, ``"apoz"``, ``"bn_scale"``, ``"random"`` (see ``docs/criteria.md``).
+            ``"activation"``, ``"apoz"``, ``"activation_weighted"``, ``"bn_scale"``, ``"random"`` (see ``docs/criteria.md``).
         round_to: kept widths are multiples of this (hardware alignment; 1 disables).
         ignored_layers: module-name glob patterns whose output width must not change. Layers producing the
             model's outputs are always kept.

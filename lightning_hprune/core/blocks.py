@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from lightning_hprune.core.graph import call_model, model_device_dtype, move_to, preserved_modes
+from lightning_hprune.core.graph import SkippedBlock, call_model, model_device_dtype, move_to, preserved_modes
 from lightning_hprune.core.levels import ModuleLevel, SelectionContext
 from lightning_hprune.core.measure import count_macs
 from lightning_hprune.core.validation import check_choice, check_int, check_positive, check_str_list
@@ -81,7 +81,7 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
 @contextmanager
 def skipped(model: nn.Module, name: str) -> Iterator[None]:
     """Temporarily replace module ``name`` by ``nn.Identity`` (restored on exit, even on error)."""
-    old = _set_module(model, name, nn.Identity())
+    old = _set_module(model, name, SkippedBlock())
     try:
         yield
     finally:

@@ -64,5 +64,26 @@ def build_cost_model(
                 c = sum(p.numel() / n for p in module.parameters(recurse=False) if n in p.shape)
             seen[id(module)] = max(seen.get(id(module), 0.0), c)
         per_channel[g.name] = float(sum(seen.values()))
+        if g.units is not None:
+            per_channel[g.name] = _per_head(graph, g, kind, macs)
     total = float(macs.total) if kind == "macs" and macs is not None else float(count_params(graph.model))
     return CostModel(kind=kind, total=total, per_channel=per_channel)
+
+
+def _per_head(graph: PruningGraph, g: ChannelGroup, kind: str, macs: MacsReport | None) -> float:
+    """Cost of one attention head.
+
+    The attention layer's own cost (its projections and the attention products) plus the group's layers
+    outside it (an output projection in a sibling module), divided by the head count.
+    """
+    layout = graph.layouts[g.name]
+    parent = layout.module
+    outside = [m for m in g.modules if parent and m != parent and not m.startswith(parent + ".")]
+    if kind == "macs":
+        assert macs is not None
+        total = macs.per_module.get(layout.module, 0) + sum(macs.per_module.get(m, 0) for m in outside)
+    else:
+        total = count_params(graph.model.get_submodule(layout.module)) + sum(
+            count_params(graph.model.get_submodule(m)) for m in outside
+        )
+    return float(total) / max(1, g.size)

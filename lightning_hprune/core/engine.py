@@ -95,7 +95,7 @@ def prune_level(
             groups = graph.groups()
             if not groups:
                 break
-            scores = {g.name: importance(g.group) for g in groups}
+            scores = {g.name: g.unit_scores(importance(g.group)) for g in groups}
             ctx = SelectionContext(
                 groups=groups, scores=scores, cost=build_cost_model(graph, groups, kind), **common
             )

@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch_pruning as tp
 from torch_pruning import ops as tp_ops
 
+from lightning_hprune.core.attention import find_layouts, protected_modules
 from lightning_hprune.core.optim_state import ParameterSurgery, record_parameter_surgery
 
 
@@ -65,6 +66,21 @@ class ModuleSnapshot:
             m._modules = dict(modules)
 
 
+class SkippedBlock(nn.Identity):
+    """What a removed block becomes: returns its first input and ignores every other argument.
+
+    Unlike a plain ``nn.Identity`` it accepts the extra arguments transformer layers are called with
+    (attention masks, caches, ...). Block levels only remove blocks whose output is a tensor shaped like
+    their input, and check that the model still runs without them.
+    """
+
+    def forward(self, input: Any = None, *args: Any, **kwargs: Any) -> Any:
+        """Return the block's input (the first positional argument, else the first keyword argument)."""
+        if input is None and kwargs:
+            return next(iter(kwargs.values()))
+        return input
+
+
 def move_to(obj: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
     """Move tensors nested in tuples/lists/dicts to ``device`` (floating tensors also to ``dtype``)."""
     if isinstance(obj, torch.Tensor):
@@ -106,9 +122,13 @@ class ChannelGroup:
 
     Attributes:
         name: name of the group's root module (its output channels index the group).
-        size: number of channels.
+        size: number of prunable units: channels, or heads for an attention projection.
         modules: names of every module the group touches.
-        group: the torch-pruning group with full indices (for criteria).
+        group: the torch-pruning group with full indices (for criteria, which score channels).
+        units: for a group pruned in whole units (attention heads): the root's channel indices of every
+            unit; ``None`` when every channel is a unit.
+        align: kept widths of this group are multiples of this many units (``None``: the callback's
+            ``round_to``; 1 for heads, whose width in channels is already a multiple of ``head_dim``).
 
     """
 
@@ -116,6 +136,20 @@ class ChannelGroup:
     size: int
     modules: tuple[str, ...]
     group: Any
+    units: tuple[tuple[int, ...], ...] | None = None
+    align: int | None = None
+
+    @property
+    def kind(self) -> str:
+        """``"heads"`` for attention projections pruned in whole heads, else ``"channels"``."""
+        return "channels" if self.units is None else "heads"
+
+    def unit_scores(self, channel_scores: torch.Tensor) -> torch.Tensor:
+        """One score per unit: the mean of its channels' scores (the scores themselves for channel groups)."""
+        if self.units is None:
+            return channel_scores
+        flat = channel_scores.flatten().float()
+        return torch.stack([flat[list(u)].mean() for u in self.units])
 
 
 class PruningGraph:
@@ -159,6 +193,10 @@ class PruningGraph:
                 ) from err
         PruningGraph.builds += 1
         self._module2name = {m: n for n, m in self.model.named_modules()}
+        self.layouts = find_layouts(self.model)
+        self._protected = protected_modules(self.model)
+        #: Groups left out because they would cut through the heads of an unrecognised attention layer.
+        self.protected_groups: dict[str, str] = {}
 
     # ------------------------------------------------------------------ groups
     def groups(self) -> list[ChannelGroup]:
@@ -179,8 +217,29 @@ class PruningGraph:
                         if dep.target.module in self._module2name
                     )
                 )
+                attention = self._cuts_unknown_heads(group)
+                if attention is not None:
+                    self.protected_groups[name] = attention
+                    continue
+                layout = self.layouts.get(name)
+                if layout is not None:
+                    units = layout.units(self.model)
+                    out.append(
+                        ChannelGroup(
+                            name=name, size=len(units), modules=modules, group=group, units=units, align=1
+                        )
+                    )
+                    continue
                 out.append(ChannelGroup(name=name, size=len(group[0].idxs), modules=modules, group=group))
         return out
+
+    def _cuts_unknown_heads(self, group: Any) -> str | None:
+        """The unrecognised attention module whose projections' output width ``group`` changes, if any."""
+        for dep, _ in group:
+            name = self._module2name.get(dep.target.module)
+            if name in self._protected and self._dg.is_out_channel_pruning_fn(dep.handler):
+                return self._protected[name]
+        return None
 
     def _reaches_output(self, dep: Any) -> bool:
         # A node without consumers produces (part of) the model's output: its output width is fixed.
@@ -197,7 +256,8 @@ class PruningGraph:
         """Remove channels, all or nothing.
 
         Args:
-            removals: group root name -> channel indices (in the group's current numbering) to remove.
+            removals: group root name -> unit indices (in the group's current numbering) to remove: channels,
+                or heads for attention projections (see :class:`ChannelGroup`).
 
         Returns:
             The parameter surgery (old -> new parameters, kept indices) for optimizer remapping.
@@ -215,7 +275,9 @@ class PruningGraph:
             if bad:
                 raise PruningError(f"Cannot prune group {name!r}: indices {bad[:5]} outside [0, {size}).")
             if len(set(map(int, idxs))) >= size:
-                raise PruningError(f"Cannot prune group {name!r}: the plan removes all {size} channels.")
+                raise PruningError(
+                    f"Cannot prune group {name!r}: the plan removes all {size} {current[name].kind}."
+                )
         snapshot = ModuleSnapshot(self.model)
         n_hist = len(self.history)
         try:
@@ -224,8 +286,14 @@ class PruningGraph:
                     if len(idxs) == 0:
                         continue
                     plain = sorted({int(i) for i in idxs})
-                    self._prune_root(name, plain)
-                    self.history.append({"op": "channels", "module": name, "idxs": plain})
+                    layout = self.layouts.get(name)
+                    if layout is None:
+                        self._prune_root(name, plain)
+                        self.history.append({"op": "channels", "module": name, "idxs": plain})
+                    else:
+                        self._prune_root(name, layout.channels(self.model, plain))
+                        layout.set_heads(self.model, len(plain))
+                        self.history.append({"op": "heads", "module": name, "idxs": plain})
         except Exception as err:
             snapshot.restore()
             del self.history[n_hist:]
@@ -248,7 +316,7 @@ class PruningGraph:
         n_hist = len(self.history)
         try:
             for name in names:
-                _set_submodule(self.model, name, nn.Identity())
+                _set_submodule(self.model, name, SkippedBlock())
                 self.history.append({"op": "identity", "module": name})
             self.rebuild()
         except Exception as err:
@@ -263,7 +331,7 @@ class PruningGraph:
         """Re-apply a recorded pruning history to an unpruned model of the same architecture."""
         for step in history:
             op = step.get("op")
-            if op == "channels":
+            if op in ("channels", "heads"):
                 self.prune({str(step["module"]): [int(i) for i in step["idxs"]]})
             elif op == "identity":
                 self.replace_with_identity([str(step["module"])])

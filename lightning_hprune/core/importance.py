@@ -356,18 +356,30 @@ class ActivationImportance(Importance):
     hooks are removed right after. Statistics are gathered again when an event has changed a layer's
     width. Groups no layer reads (none in practice) fall back to weight magnitude.
 
+    With ``weighted=True`` each channel's statistic is multiplied by the L2 norm of the weights that read
+    it (``||W[:, c]||``, over output channels and kernel positions of each consuming layer), so the score
+    estimates how much the channel contributes to the next layer's output rather than how active it is
+    (the activation-times-weight idea of Wanda, Sun et al., 2023). A rarely active channel that the next
+    layer weighs heavily is then kept.
+
     Args:
         statistic: ``"mean"`` or ``"apoz"``.
         num_batches: use the last ``num_batches`` calibration inputs (default: all the callback keeps,
             see its ``calibration_batches``).
+        weighted: multiply by the consuming weights' norm (see above).
 
     """
 
     needs_calibration = True
 
-    def __init__(self, statistic: str = "mean", num_batches: int | None = None) -> None:
+    def __init__(
+        self, statistic: str = "mean", num_batches: int | None = None, weighted: bool = False
+    ) -> None:
         self.statistic = check_choice("statistic", statistic, ("mean", "apoz"))
         self.num_batches = check_int("num_batches", num_batches, minimum=1, allow_none=True)
+        if not isinstance(weighted, bool):
+            raise ValueError(f"Expected argument `weighted` to be a bool, but got {weighted!r}.")
+        self.weighted = weighted
         self._stats: dict[nn.Module, torch.Tensor] = {}
         self._model: nn.Module | None = None
         self._batches: list[Any] = []
@@ -468,6 +480,13 @@ class ActivationImportance(Importance):
             stats = self._stats[module]
             if stats.numel() != self._in_width(module):
                 return None
+            if self.weighted:
+                weight = module.weight
+                assert isinstance(weight, torch.Tensor)
+                w = weight.detach().float()
+                w = w.t() if isinstance(module, nn.Linear) else w.transpose(0, 1).flatten(1)
+                if w.shape[0] == stats.numel():  # grouped convolutions keep the plain statistic
+                    stats = stats * w.norm(dim=1).cpu()
             return stats[_index(idxs, stats.device)]
 
         scores = reduce_over_group(group, local, how="mean")
@@ -659,6 +678,7 @@ IMPORTANCES: dict[str, Callable[[], Importance]] = {
     "taylor": TaylorImportance,
     "activation": ActivationImportance,
     "apoz": lambda: ActivationImportance(statistic="apoz"),
+    "activation_weighted": lambda: ActivationImportance(weighted=True),
     "bn_scale": BNScaleImportance,
 }
 
@@ -667,7 +687,7 @@ def resolve_importance(importance: Importance | str | Mapping[str, Any] | None) 
     """Accept an ``Importance`` object, a short name or a ``{"class_path": ..., "init_args": ...}`` mapping.
 
     Short names: ``"l1"``, ``"l2"``/``"magnitude"``, ``"random"``, ``"taylor"``, ``"activation"``,
-    ``"apoz"``, ``"bn_scale"``.
+    ``"apoz"``, ``"activation_weighted"``, ``"bn_scale"``.
     """
     if importance is None:
         return MagnitudeImportance(p=2)

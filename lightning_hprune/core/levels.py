@@ -55,6 +55,10 @@ class SelectionContext:
     removed_modules: Sequence[str] = ()
     info: dict[str, Any] = field(default_factory=dict)
 
+    def align(self, group: ChannelGroup) -> int:
+        """Kept widths of ``group`` are multiples of this: ``round_to`` channels, or 1 head."""
+        return group.align if group.align is not None else self.round_to
+
 
 def min_keep(original: int, current: int, max_layer_ratio: float, round_to: int) -> int:
     """The smallest width a group may keep: the cap, aligned up to ``round_to`` (never above ``current``)."""
@@ -207,11 +211,11 @@ class GlobalLevel(Level):
             norm = normalise(ctx.scores[g.name])
             order = torch.argsort(norm, stable=True)
             floor = min_keep(
-                ctx.original_size.get(g.name, g.size), g.size, self.max_layer_ratio, ctx.round_to
+                ctx.original_size.get(g.name, g.size), g.size, self.max_layer_ratio, ctx.align(g)
             )
             start = 0
             running: list[int] = []
-            for size in chunk_sizes(g.size, floor, ctx.round_to):
+            for size in chunk_sizes(g.size, floor, ctx.align(g)):
                 idxs = order[start : start + size].tolist()
                 start += size
                 running = running + idxs
@@ -250,7 +254,7 @@ class UniformLevel(Level):
         removals: Removals = {}
         for g in ctx.groups:
             k = ratio_removal(
-                g.size, ratio, ctx.original_size.get(g.name, g.size), self.max_layer_ratio, ctx.round_to
+                g.size, ratio, ctx.original_size.get(g.name, g.size), self.max_layer_ratio, ctx.align(g)
             )
             if k:
                 removals[g.name] = lowest(ctx.scores[g.name], k)
@@ -397,13 +401,13 @@ class LayerLevel(Level):
     def removal_counts(self, ctx: SelectionContext, scale: float) -> dict[str, int]:
         """Channels each group must lose (relative to its current width) to reach its ratio at ``scale``."""
         counts: dict[str, int] = {}
-        sizes = {g.name: g.size for g in ctx.groups}
+        by_name = {g.name: g for g in ctx.groups}
         for name, weight in self.weights(ctx.groups).items():
-            current = sizes[name]
+            current, align = by_name[name].size, ctx.align(by_name[name])
             original = ctx.original_size.get(name, current)
             ratio = min(self.max_layer_ratio, scale * weight)
-            floor = min_keep(original, current, self.max_layer_ratio, ctx.round_to)
-            k = current - aligned_keep(original, ratio, floor, ctx.round_to)
+            floor = min_keep(original, current, self.max_layer_ratio, align)
+            k = current - aligned_keep(original, ratio, floor, align)
             if k > 0:
                 counts[name] = k
         return counts
@@ -515,14 +519,15 @@ class UnitLevel(Level):
             if not eligible:
                 continue
             original = ctx.original_size.get(g.name, g.size)
-            floor = min_keep(original, g.size, self.max_layer_ratio, ctx.round_to)
-            keep = max(floor, int(math.ceil((g.size - eligible) / ctx.round_to) * ctx.round_to))
+            align = ctx.align(g)
+            floor = min_keep(original, g.size, self.max_layer_ratio, align)
+            keep = max(floor, int(math.ceil((g.size - eligible) / align) * align))
             if keep >= g.size:
                 continue
             norm = normalise(raw)
             order = torch.argsort(raw, stable=True)
             start = 0
-            for size in chunk_sizes(g.size, keep, ctx.round_to):
+            for size in chunk_sizes(g.size, keep, align):
                 idxs = order[start : start + size].tolist()
                 start += size
                 candidates.append((float(norm[order[:start]].mean()), g.name, idxs))
@@ -575,18 +580,23 @@ class WindowLevel(Level):
         return float(values.mean())
 
     def windows(self, size: int, skip: Sequence[int] = ()) -> list[list[int]]:
-        """Consecutive windows over the indices ``0..size-1`` that are not in ``skip``."""
+        """Consecutive windows of ``window_size`` over the indices ``0..size-1`` that are not in ``skip``."""
+        return self._windows(size, self.window_size, skip)
+
+    @staticmethod
+    def _windows(size: int, w: int, skip: Sequence[int] = ()) -> list[list[int]]:
         skipped = set(skip)
         rest = [i for i in range(size) if i not in skipped]
-        w = self.window_size
         return [rest[i : i + w] for i in range(0, len(rest) - w + 1, w)]
 
     def select(self, ctx: SelectionContext, budget: float) -> Removals:
         """Take the lowest-scoring windows across the network until ``budget`` is reached."""
-        step = math.lcm(self.window_size, ctx.round_to)
-        per_chunk = step // self.window_size
         candidates: list[tuple[float, str, list[int]]] = []
         for g in ctx.groups:
+            # An attention head is already a window of its channels: head groups step one head at a time.
+            window = self.window_size if g.units is None else 1
+            step = math.lcm(window, ctx.align(g))
+            per_chunk = step // window
             norm = normalise(ctx.scores[g.name])
             original = ctx.original_size.get(g.name, g.size)
             floor = min_keep(original, g.size, self.max_layer_ratio, step)
@@ -601,7 +611,7 @@ class WindowLevel(Level):
                 key = float(norm[realign].mean())
                 candidates.append((key, g.name, realign))
                 width -= r
-            windows = sorted(self.windows(g.size, realign), key=lambda w: self._score(norm[w]))
+            windows = sorted(self._windows(g.size, window, realign), key=lambda w: self._score(norm[w]))
             taken: list[float] = []
             for c in range(0, len(windows) - per_chunk + 1, per_chunk):
                 if width - step < floor:

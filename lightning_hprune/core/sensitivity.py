@@ -148,7 +148,7 @@ def measure_sensitivity(
         k = min(g.size - 1, max(1, math.floor(fraction * g.size)))
         if k < 1:
             continue
-        scores = importance(g.group)
+        scores = g.unit_scores(importance(g.group))
         idxs = sorted(torch.argsort(scores.float(), stable=True)[:k].tolist())
         snapshot = ModuleSnapshot(graph.model)
         n_hist = len(graph.history)

@@ -208,3 +208,69 @@ class DigitsResNet(DigitsCNN):
         self.classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, 10))
         self.example_input_array = torch.zeros(1, 1, size, size)
         self.val_acc = MulticlassAccuracy(num_classes=10, average="micro")
+
+
+class DigitsViT(DigitsCNN):
+    """A small Vision Transformer (timm's ``VisionTransformer``, random init) for 16x16 digits.
+
+    Pruning it exercises the transformer path: whole encoder blocks, attention heads (timm's fused
+    ``qkv``), MLP widths and the residual stream. Reuses :class:`DigitsCNN`'s training, validation and
+    optimizer. Needs ``timm`` (the ``dev`` extra).
+
+    Args:
+        embed_dim: width of the residual stream.
+        depth: encoder blocks.
+        num_heads: attention heads per block (``head_dim = embed_dim // num_heads``).
+        mlp_ratio: MLP hidden width as a multiple of ``embed_dim``.
+        patch_size: side of a patch (16 / patch_size tokens per side).
+        size: input image side.
+        lr: AdamW learning rate (cosine-annealed over ``max_epochs``).
+        weight_decay: AdamW weight decay.
+        optimizer: ``"adamw"`` or ``"sgd"``.
+
+    """
+
+    def __init__(
+        self,
+        embed_dim: int = 128,
+        depth: int = 4,
+        num_heads: int = 4,
+        mlp_ratio: float = 2.0,
+        patch_size: int = 4,
+        size: int = 16,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        optimizer: str = "adamw",
+    ) -> None:
+        from timm.models.vision_transformer import VisionTransformer  # optional dependency
+
+        pl.LightningModule.__init__(self)
+        self.save_hyperparameters(
+            {
+                "embed_dim": embed_dim,
+                "depth": depth,
+                "num_heads": num_heads,
+                "mlp_ratio": mlp_ratio,
+                "patch_size": patch_size,
+                "size": size,
+                "lr": lr,
+                "weight_decay": weight_decay,
+                "optimizer": optimizer,
+            }
+        )
+        self.vit = VisionTransformer(
+            img_size=size,
+            patch_size=patch_size,
+            in_chans=1,
+            num_classes=10,
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+        )
+        self.example_input_array = torch.zeros(1, 1, size, size)
+        self.val_acc = MulticlassAccuracy(num_classes=10, average="micro")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits."""
+        return self.vit(x)
