@@ -7,9 +7,6 @@ restores train mode, logs, and keeps the history for checkpoints.
 
 from __future__ import annotations
 
-import importlib.util
-import json
-import math
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -23,6 +20,7 @@ from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcess
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
+from lightning_hprune.callbacks import closed_loop, reporting
 from lightning_hprune.callbacks.inputs import example_from_batch, first_sample, model_input_from_batch
 from lightning_hprune.callbacks.transaction import (
     EventTransaction,
@@ -34,12 +32,11 @@ from lightning_hprune.callbacks.transaction import (
     weight_averaging_types,
 )
 from lightning_hprune.checkpoint import STATE_MARKER, restore_structure
-from lightning_hprune.core.adjust import DECISION_CODES, AdjustConfig, decide, next_fraction
+from lightning_hprune.core.adjust import AdjustConfig
 from lightning_hprune.core.cost import COSTS
 from lightning_hprune.core.engine import (
     EventResult,
     level_fractions,
-    level_names,
     plan_steps,
     removed_per_level,
     run_event,
@@ -53,7 +50,7 @@ from lightning_hprune.core.graph import (
 from lightning_hprune.core.importance import Importance, resolve_importance
 from lightning_hprune.core.levels import LayerLevel, Level
 from lightning_hprune.core.measure import count_macs, count_params, measure_latency
-from lightning_hprune.core.optim_state import ParameterSurgery, remap_optimizer
+from lightning_hprune.core.optim_state import remap_optimizer
 from lightning_hprune.core.rollback import RollbackPoint
 from lightning_hprune.core.schedules import resolve_schedule
 from lightning_hprune.core.sensitivity import (
@@ -83,6 +80,11 @@ class PruningCallback(Callback):
 
     Subclasses provide :meth:`levels_for_event`, the ``(level, share)`` steps of one event.
     """
+
+    #: The end-of-fit summary (also written to ``hprune_report.json``); set by :meth:`on_train_end`.
+    summary: dict[str, Any]
+    #: The before/after table printed at the end of fit (rank 0).
+    report_table: str
 
     def __init__(
         self,
@@ -133,7 +135,7 @@ class PruningCallback(Callback):
         self.tolerance = check_fraction("tolerance", tolerance)
         self.calibration_batches = check_int("calibration_batches", calibration_batches, minimum=0)
         self.verbose = verbose
-        # automatic adjustment (closed loop) and sensitivity analysis; see the "closed loop" block below
+        # automatic adjustment (closed loop, see `closed_loop`) and sensitivity analysis
         self.mode = check_choice("mode", mode, ("max", "min"))
         self.max_drop = max_drop
         if max_drop is not None and monitor is None:
@@ -217,7 +219,7 @@ class PruningCallback(Callback):
             "calibration": list(self.calibration),
             # Statistics a criterion gathered since the last event (e.g. Taylor's |w * g| sums).
             "importance": self.importance.state_dict(),
-            "adjust": self._adjust_state(),
+            "adjust": closed_loop.adjust_state(self),
             "sensitivity": None if self.sensitivity_drops is None else dict(self.sensitivity_drops),
         }
 
@@ -233,7 +235,7 @@ class PruningCallback(Callback):
         self.calibration = list(state_dict.get("calibration", []))
         if state_dict.get("importance"):
             self.importance.load_state_dict(state_dict["importance"])
-        self._load_adjust_state(state_dict.get("adjust") or {})
+        closed_loop.load_adjust_state(self, state_dict.get("adjust") or {})
         drops = state_dict.get("sensitivity")
         self.sensitivity_drops = None if drops is None else {str(k): float(v) for k, v in drops.items()}
 
@@ -530,10 +532,10 @@ class PruningCallback(Callback):
             levels, self.target, k_sched, self.num_events, self._schedule_fn, self.decay
         )
         start = float(self.records[-1][self.cost]) if self.records else dense
-        fractions = self._adjusted_fractions(fractions, 1.0 - start / dense)
+        fractions = closed_loop.adjusted_fractions(self, fractions, 1.0 - start / dense)
         fraction = sum(fractions)
         steps = plan_steps(levels, dense, start, fractions, removed_per_level(self.records, len(levels)))
-        self._save_rollback_point(trainer, pl_module, graph)
+        closed_loop.save_rollback_point(self, trainer, pl_module, graph)
         self.importance.prepare(pl_module, list(self.calibration), self._importance_reduce(trainer))
         try:
             with preserved_modes(pl_module):
@@ -555,12 +557,12 @@ class PruningCallback(Callback):
         self.calibration.clear()
         self.event_index += 1
         self._log_event(trainer, pl_module, k, fraction, metric, result)
-        self._after_event(trainer, k)
+        closed_loop.after_event(self, trainer, k)
 
     # ------------------------------------------------------------------ criteria statistics & closed loop
     # Criteria that learn from training (Taylor) are fed from `on_before_optimizer_step`; with `max_drop`,
     # every event is checked after its recovery epoch(s) and rolled back (model + optimizer state, kept on
-    # the CPU) when the monitored metric fell too far; see `lightning_hprune.core.adjust`.
+    # the CPU) when the monitored metric fell too far; see `closed_loop` and `lightning_hprune.core.adjust`.
     def _pruning_active(self) -> bool:
         return not self.stopped and (self.event_index < self.num_events or self._pending_check is not None)
 
@@ -579,158 +581,9 @@ class PruningCallback(Callback):
         strategy = trainer.strategy
         return lambda t: strategy.reduce(t, reduce_op="sum")
 
-    def _adjusted_fractions(self, fractions: list[float], achieved: float) -> list[float]:
-        """Scale the levels' cumulative fractions: the event goes ``rate`` times the way to the schedule."""
-        planned = sum(fractions)
-        if self._adjust is None or planned <= 0:
-            return fractions
-        aim = next_fraction(achieved, planned, self.rate, self.target)
-        return [f * aim / planned for f in fractions]
-
-    def _save_rollback_point(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, graph: PruningGraph
-    ) -> None:
-        if self._adjust is None:
-            return
-        self._rollback = None  # free the previous copy first
-        self._rollback = RollbackPoint(
-            pl_module,
-            trainer.optimizers,
-            graph.history,
-            extra={
-                "records": len(self.records),
-                "importance": self.importance.state_dict(),
-                "calibration": list(self.calibration),
-            },
-        )
-
-    def _after_event(self, trainer: pl.Trainer, k: int) -> None:
-        record = self.records[-1] if self.records else {}
-        removed = float(record.get("removed", math.nan))
-        reason = f"event {k}: {removed:.1%} of {self.cost} removed so far (rate {self.rate:.3g})"
-        if self._adjust is None:
-            self._record_decision(trainer, "pruned", reason, event=k)
-            return
-        epoch = trainer.current_epoch
-        check = epoch + self.every_n_epochs
-        if trainer.max_epochs is not None and trainer.max_epochs >= 0:
-            check = min(check, trainer.max_epochs - 1)
-        if check <= epoch:
-            self._pending_check, self._rollback = None, None
-            reason += "; no epoch left to check it against max_drop"
-        else:
-            self._pending_check = {"event": k, "epoch": epoch, "check_epoch": check}
-            reason += f"; {self.monitor} is checked at the end of epoch {check}"
-        self._record_decision(trainer, "pruned", reason, event=k)
-
     def _check_adjustment(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
-        """Judge the last event once its recovery is over; roll back when needed.
-
-        Returns:
-            True when a retry must run now (the rollback happened after the last scheduled event).
-
-        """
-        pending = self._pending_check
-        epoch = trainer.current_epoch
-        if self._adjust is None or pending is None or epoch < pending["check_epoch"]:
-            return False
-        self._pending_check = None
-        value = self._monitored(trainer)
-        assert value is not None
-        baseline = self.baseline.get("metric", value)
-        # Every process acts on rank 0's decision (the metric may not be synchronised across processes).
-        decision = trainer.strategy.broadcast(
-            decide(baseline, value, self._adjust, self.rate, self.retries), src=0
-        )
-        fields = {"event": pending["event"], "value": value, "drop": decision.drop, "bound": decision.bound}
-        if decision.roll_back:
-            if self._rollback is None:
-                self.stopped = True
-                self._record_decision(
-                    trainer,
-                    "stop",
-                    f"{self.monitor}={value:.4g} dropped {decision.drop:.2%} (> max_drop "
-                    f"{self._adjust.max_drop:.2%}), but the state before event {pending['event']} is not available (resumed from a "
-                    "checkpoint, and the CPU copy is not checkpointed): stopped pruning",
-                    **fields,
-                )
-                return False
-            undone = self._roll_back(trainer, pl_module)
-            fields["undone_removed"] = float(undone.get("removed", math.nan)) if undone else math.nan
-        self._rollback = None
-        self.rate, self.retries = decision.rate, decision.retries
-        if decision.action == "stop":
-            self.stopped = True
-        self._record_decision(trainer, decision.action, decision.reason, **fields)
-        if self.event_index < self.num_events:
-            return False  # the schedule goes on: its next event (maybe this epoch's) is the retry
-        room = trainer.max_epochs is None or trainer.max_epochs < 0 or epoch + 1 < trainer.max_epochs
-        if decision.action != "roll_back":
-            # Past the schedule, short of the target because of rollbacks: catch up while epochs remain.
-            last = self.records[-1] if self.records else {}
-            short = float(last.get("removed", 1.0)) < self.target - self.tolerance
-            return room and short and float(last.get("event_ratio", 0.0)) > 0
-        if room:
-            return True
-        self.stopped = True
-        self._record_decision(trainer, "stop", "rolled back at the last epoch: no epoch left to retry")
-        return False
-
-    def _roll_back(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
-        """Restore the model, the optimizers, the history, the records and the criterion's statistics."""
-        point = self._rollback
-        assert point is not None
-        assert self._graph is not None
-        point.restore(self._graph.history)
-        self._graph.rebuild()
-        n_records = int(point.extra["records"])
-        undone = self.records[n_records] if len(self.records) > n_records else {}
-        del self.records[n_records:]
-        self.importance.reset()
-        self.importance.load_state_dict(point.extra["importance"])
-        if not self.calibration:
-            self.calibration = list(point.extra["calibration"])
-        # The optimizers already point at the restored parameters; this re-wraps DDP around them.
-        self._rebind(trainer, pl_module, EventResult(levels=[], surgery=ParameterSurgery(), seconds=0.0))
-        return undone
-
-    def _record_decision(self, trainer: pl.Trainer, action: str, reason: str, **fields: Any) -> None:
-        entry: dict[str, Any] = {
-            "action": action,
-            "code": DECISION_CODES[action],
-            "reason": reason,
-            "epoch": trainer.current_epoch,
-            "step": trainer.global_step,
-            "rate": self.rate,
-            **fields,
-        }
-        self.decisions.append(entry)
-        metrics = {"hprune/decision": float(entry["code"]), "hprune/rate": float(self.rate)}
-        if "drop" in fields and math.isfinite(fields["drop"]):
-            metrics["hprune/drop"] = float(fields["drop"])
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
-        # The event line already says what was pruned: a routine decision is printed only in closed loop.
-        if action in ("roll_back", "stop", "speed_up") or (self.verbose and self.max_drop is not None):
-            rank_zero_info(f"[hprune] decision at epoch {trainer.current_epoch}: {action} - {reason}")
-
-    def _adjust_state(self) -> dict[str, Any]:
-        return {
-            "rate": self.rate,
-            "retries": self.retries,
-            "stopped": self.stopped,
-            "decisions": [dict(d) for d in self.decisions],
-            "pending_check": None if self._pending_check is None else dict(self._pending_check),
-        }
-
-    def _load_adjust_state(self, state: dict[str, Any]) -> None:
-        self.rate = float(state.get("rate", 1.0))
-        self.retries = int(state.get("retries", 0))
-        self.stopped = bool(state.get("stopped", False))
-        self.decisions = [dict(d) for d in state.get("decisions", [])]
-        pending = state.get("pending_check")
-        self._pending_check = None if pending is None else {str(k): int(v) for k, v in pending.items()}
-        self._rollback = None  # the CPU copy is not checkpointed
+        """Judge the last event once its recovery is over (see :func:`.closed_loop.check_adjustment`)."""
+        return closed_loop.check_adjustment(self, trainer, pl_module)
 
     def _apply_sensitivity(self, trainer: pl.Trainer, graph: PruningGraph, levels: Sequence[Level]) -> None:
         """Run (or reuse) the sensitivity analysis and hand it to every `LayerLevel` without ratios."""
@@ -795,7 +648,7 @@ class PruningCallback(Callback):
             else:
                 strategy.model = strategy._setup_model(pl_module)
 
-    # ------------------------------------------------------------------ logging
+    # ------------------------------------------------------------------ logging & report (see `reporting`)
     def _log_event(
         self,
         trainer: pl.Trainer,
@@ -805,161 +658,12 @@ class PruningCallback(Callback):
         metric: float | None,
         result: EventResult,
     ) -> None:
-        after = self._measure(pl_module)
-        dense = self.baseline[f"dense_{self.cost}"]
-        prev_cost = self.records[-1][self.cost] if self.records else dense
-        record: dict[str, Any] = {
-            "event": k,
-            "epoch": trainer.current_epoch,
-            "step": trainer.global_step,
-            **after,
-            "target": fraction,
-            "removed": 1.0 - after[self.cost] / dense,
-            "event_ratio": 1.0 - after[self.cost] / prev_cost if prev_cost else 0.0,
-            "event_time_s": result.seconds,
-            "levels": [
-                {
-                    "level": name,
-                    "removed": dict(r.removed),
-                    "blocks": list(r.blocks),
-                    "cost_before": r.cost_before,
-                    "cost_after": r.cost_after,
-                    "target_cost": r.target_cost,
-                }
-                for name, r in zip(level_names(result.levels), result.levels, strict=True)
-            ],
-        }
-        if metric is not None:
-            record[self.monitor or "metric"] = metric
-            base = self.baseline.get("metric")
-            record["retained"] = metric / base if base else math.nan
-        self.records.append(record)
-        metrics = {f"hprune/{key}": float(v) for key, v in record.items() if isinstance(v, (int, float))}
-        # One namespace per level (a repeated level class gets a numeric suffix: global, global_1, ...).
-        for name, r in zip(level_names(result.levels), result.levels, strict=True):
-            metrics[f"hprune/{name}/channels_removed"] = float(sum(r.removed.values()))
-            metrics[f"hprune/{name}/blocks_removed"] = float(len(r.blocks))
-            metrics[f"hprune/{name}/{self.cost}_removed"] = float(r.cost_before - r.cost_after)
-            metrics[f"hprune/{name}/{self.cost}_after"] = float(r.cost_after)
-        if metric is not None and self.monitor:
-            metrics[f"hprune/{self.monitor}"] = metric
-            metrics[f"hprune/retained_{self.monitor}"] = record["retained"]
-            metrics.pop("hprune/retained", None)
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
-        if self.verbose:
-            rank_zero_info(
-                f"[hprune] event {k + 1}/{self.num_events} at epoch {trainer.current_epoch}: removed "
-                f"{record['removed']:.1%} of {self.cost} (target so far {fraction:.1%}; final target "
-                f"{self.target:.1%}); params {int(after['params']):,}, MACs {int(after['macs']):,}"
-                + (f", {self.monitor}={metric:.4f}" if metric is not None else "")
-                + f" [{result.seconds:.2f}s]"
-            )
+        reporting.log_event(self, trainer, pl_module, k, fraction, metric, result)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.records:
-            return
-        final = self._measure(pl_module)
-        dense = self.baseline[f"dense_{self.cost}"]
-        summary: dict[str, Any] = {
-            "target": self.target,
-            "cost": self.cost,
-            "achieved": 1.0 - final[self.cost] / dense,
-            "events": self.event_index,
-            "before": {k[len("dense_") :]: v for k, v in self.baseline.items() if k.startswith("dense_")},
-            "after": final,
-        }
-        metrics = {
-            "hprune/final_params": final["params"],
-            "hprune/final_macs": final["macs"],
-            "hprune/final_removed": summary["achieved"],
-        }
-        if self.monitor is not None and self.monitor in trainer.callback_metrics:
-            value = float(trainer.callback_metrics[self.monitor])
-            summary["before"][self.monitor] = self.baseline.get("metric")
-            summary["after"][self.monitor] = value
-            metrics[f"hprune/final_{self.monitor}"] = value
-            if self.baseline.get("metric"):
-                metrics[f"hprune/final_retained_{self.monitor}"] = value / self.baseline["metric"]
-        if abs(summary["achieved"] - self.target) > 0.02:
-            rank_zero_warn(
-                f"{type(self).__name__} removed {summary['achieved']:.1%} of {self.cost}, more than 2 points "
-                f"from the target {self.target:.1%}: with round_to={self.round_to} the model's layers are too "
-                "narrow (or too capped) for a finer step. Use a smaller `round_to` or a larger `max_layer_ratio`."
-            )
-        summary["structure"] = self._structure(pl_module)
-        summary["events_log"] = self.records
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
-        # `trainer.log_dir` broadcasts under DDP: every rank asks, or rank 0 waits forever.
-        log_dir = trainer.log_dir or trainer.default_root_dir
-        if trainer.is_global_zero:
-            self._write_report(trainer, summary, log_dir)
-        self.summary = summary
-
-    def _structure(self, pl_module: pl.LightningModule) -> dict[str, Any]:
-        groups = self._graph.groups() if self._graph is not None else []
-        now = {g.name: g.size for g in groups}
-        heads = {g.name for g in groups if g.kind == "heads"}
-        heads.update(str(h["module"]) for h in self.history_steps() if h.get("op") == "heads")
-        removed = [str(h["module"]) for h in self.history_steps() if h.get("op") == "identity"]
-        widths: dict[str, dict[str, Any]] = {}
-        for n, before in self.original_size.items():
-            entry: dict[str, Any] = {"before": before, "after": now.get(n)}
-            if n in heads:
-                entry["unit"] = "heads"
-            gone = next((b for b in removed if n == b or n.startswith(f"{b}.")), None)
-            if gone is not None:
-                entry["removed_with"] = gone
-            widths[n] = entry
-        per_level: dict[str, dict[str, Any]] = {}
-        for record in self.records:
-            for entry in record.get("levels", []):
-                agg = per_level.setdefault(
-                    entry["level"],
-                    {
-                        "channels_removed": 0,
-                        "heads_removed": 0,
-                        "blocks_removed": [],
-                        f"{self.cost}_removed": 0.0,
-                    },
-                )
-                for name, count in entry.get("removed", {}).items():
-                    agg["heads_removed" if name in heads else "channels_removed"] += int(count)
-                agg["blocks_removed"].extend(entry.get("blocks", []))
-                agg[f"{self.cost}_removed"] += float(entry["cost_before"]) - float(entry["cost_after"])
-        return {"widths": widths, "removed_modules": removed, "levels": per_level}
+        reporting.finish(self, trainer, pl_module)
 
     def history_steps(self) -> list[dict[str, Any]]:
         """The structural steps applied so far (plain data)."""
         return list(self._graph.history) if self._graph is not None else list(self.history)
-
-    def _write_report(self, trainer: pl.Trainer, summary: dict[str, Any], log_dir: str | None = None) -> None:
-        log_dir = log_dir or trainer.log_dir or trainer.default_root_dir
-        os.makedirs(log_dir, exist_ok=True)
-        path = os.path.join(log_dir, "hprune_report.json")
-        with open(path, "w") as f:
-            json.dump(summary, f, indent=2, default=float)
-        if importlib.util.find_spec("matplotlib") is not None:
-            from lightning_hprune.report import plot_report
-
-            plot_report(summary, os.path.join(log_dir, "hprune_curves.png"))
-        before, after = summary["before"], summary["after"]
-        rows = [("params", "{:,.0f}"), ("macs", "{:,.0f}"), ("latency_ms", "{:.3f}")]
-        if self.monitor:
-            rows.append((self.monitor, "{:.4f}"))
-        lines = [f"{'':<14}{'before':>16}{'after':>16}{'ratio':>10}"]
-        for key, fmt in rows:
-            b, a = before.get(key), after.get(key)
-            if b is None or a is None:
-                continue
-            ratio = a / b if b else math.nan
-            lines.append(f"{key:<14}{fmt.format(b):>16}{fmt.format(a):>16}{ratio:>10.3f}")
-        text = "\n".join(lines)
-        if self.verbose:
-            rank_zero_info(
-                f"[hprune] removed {summary['achieved']:.1%} of {self.cost} (target {self.target:.1%}) in "
-                f"{summary['events']} events; report: {path}\n{text}"
-            )
-        self.report_table = text
