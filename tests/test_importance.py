@@ -527,7 +527,9 @@ def test_bad_arguments(make: Any, match: str) -> None:
 
 
 # ---------------------------------------------------------------------- end to end
-@pytest.mark.parametrize("importance", ["taylor", "activation", "apoz", "activation_weighted", "bn_scale", "integrated"])
+@pytest.mark.parametrize(
+    "importance", ["taylor", "activation", "apoz", "activation_weighted", "bn_scale", "integrated"]
+)
 def test_each_criterion_prunes_during_fit(tmp_path: Any, importance: str) -> None:
     pl.seed_everything(0)
     crit: Any = importance
