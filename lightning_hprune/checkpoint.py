@@ -126,7 +126,9 @@ def load_pruned(
             f"its keys are {sorted(checkpoint)}."
         )
     hparams = dict(checkpoint.get("hyper_parameters") or {})
-    hparams.pop("_instantiator", None)
+    # Bookkeeping keys, not constructor arguments: LightningCLI records `_class_path` (and `_instantiator`).
+    for key in ("_instantiator", "_class_path"):
+        hparams.pop(key, None)
     hparams.update(kwargs)
     try:
         model = module_cls(**hparams)

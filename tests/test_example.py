@@ -44,3 +44,17 @@ def test_digits_example_through_the_cli(tmp_path):
     ckpts = glob.glob(str(tmp_path / "logs" / "digits_cnn" / "**" / "last.ckpt"), recursive=True)
     assert ckpts
     assert os.path.getsize(ckpts[0]) > 0
+    # The CLI's checkpoint (its hyper-parameters carry LightningCLI's `_class_path`) loads in a fresh process.
+    code = (
+        "import sys, torch; from lightning_hprune import load_pruned; "
+        "from lightning_hprune.examples.digits import DigitsCNN; "
+        "m = load_pruned(DigitsCNN, sys.argv[1]); "
+        "print(sum(p.numel() for p in m.parameters()), tuple(m(torch.zeros(2, 1, 16, 16)).shape))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", code, ckpts[0]], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    params, shape = loaded.stdout.split(maxsplit=1)
+    assert int(params) == after["params"]
+    assert shape.strip() == "(2, 10)"

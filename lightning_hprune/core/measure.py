@@ -70,9 +70,13 @@ def batch_of(example_inputs: Any, batch_size: int) -> Any:
 
 @torch.no_grad()
 def measure_latency(
-    model: nn.Module, example_inputs: Any, batch_size: int = 32, warmup: int = 3, repeats: int = 10
+    model: nn.Module, example_inputs: Any, batch_size: int = 32, warmup: int = 10, repeats: int = 10
 ) -> float:
-    """Median wall time of one forward pass, in milliseconds (eval mode, restored afterwards)."""
+    """Median wall time of one forward pass, in milliseconds (eval mode, restored afterwards).
+
+    ``warmup`` untimed passes come first: the first calls of a fit pay one-time costs (kernel selection,
+    allocator growth, thread start-up) that would make the dense model look slower than it is.
+    """
     device, dtype = model_device_dtype(model)
     inputs = move_to(batch_of(example_inputs, batch_size), device, dtype)
     times = []
