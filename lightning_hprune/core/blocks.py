@@ -6,7 +6,7 @@ in a ``ModuleList``/``Sequential``, or any module named by the user's patterns. 
 calibration inputs (how little a block changes its input, or how much the model's output changes when it
 is skipped); the least useful go first, within the level's cost budget and a cap on their number.
 A block is never removed when its output is not a tensor shaped like its input, or when the model does not
-run with the block replaced by ``nn.Identity``.
+run with the block replaced by a :class:`~lightning_hprune.core.graph.SkippedBlock`.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
 
 @contextmanager
 def skipped(model: nn.Module, name: str) -> Iterator[None]:
-    """Temporarily replace module ``name`` by ``nn.Identity`` (restored on exit, even on error)."""
+    """Temporarily replace module ``name`` by a ``SkippedBlock`` (restored on exit, even on error)."""
     old = _set_module(model, name, SkippedBlock())
     try:
         yield

@@ -311,7 +311,7 @@ class PruningGraph:
         group.prune(record_history=False)
 
     def replace_with_identity(self, names: Sequence[str]) -> None:
-        """Replace whole modules (blocks, layers) by ``nn.Identity`` and rebuild the graph, all or nothing."""
+        """Replace whole modules (blocks, layers) by ``SkippedBlock`` and rebuild the graph, all or nothing."""
         snapshot = ModuleSnapshot(self.model)
         n_hist = len(self.history)
         try:
