@@ -75,6 +75,22 @@ def test_magnitude_prunes_zero_weight_channel_first(net_graph: tuple[nn.Sequenti
     assert scores[ZERO] == pytest.approx(0.0, abs=1e-3)  # BN bias/stats carry no magnitude here
 
 
+def test_random_generator_state_travels_in_the_checkpoint(
+    net_graph: tuple[nn.Sequential, PruningGraph], tmp_path: Any
+) -> None:
+    """A resumed run draws the same random scores as an unbroken one (the state loads with weights_only)."""
+    _, graph = net_graph
+    group = graph.groups()[0].group
+    first = RandomImportance(seed=3)
+    first(group)
+    torch.save(first.state_dict(), tmp_path / "state.pt")
+    expected = first(group)
+    resumed = RandomImportance(seed=3)
+    resumed.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    torch.testing.assert_close(resumed(group), expected)
+    assert not torch.equal(RandomImportance(seed=3)(group), expected)  # a fresh generator would differ
+
+
 def test_random_is_seeded(net_graph: tuple[nn.Sequential, PruningGraph]) -> None:
     _, graph = net_graph
     group = groups_of(graph)["0"]

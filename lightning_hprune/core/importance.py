@@ -135,6 +135,15 @@ class RandomImportance(Importance):
         n = len(group[0].idxs)
         return torch.rand(n, generator=self._gen)
 
+    def state_dict(self) -> dict[str, Any]:
+        """The generator's state, so that a resumed run draws the same scores as an unbroken one."""
+        return {"seed": self.seed, "generator": self._gen.get_state()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore the generator saved by :meth:`state_dict`."""
+        if "generator" in state:
+            self._gen.set_state(state["generator"])
+
 
 # ---------------------------------------------------------------------- channel reductions
 def _index(idxs: Sequence[int], device: torch.device) -> torch.Tensor:
@@ -271,9 +280,11 @@ class TaylorImportance(Importance):
             contrib = (p.detach().float() * g.detach().float()).abs_()
             contrib = torch.nan_to_num_(contrib, nan=0.0, posinf=0.0, neginf=0.0)
             acc = self._acc.get(key)
-            if acc is None or acc.shape != contrib.shape or acc.device != contrib.device:
+            if acc is None or acc.shape != contrib.shape:
                 self._acc[key] = contrib
             else:
+                if acc.device != contrib.device:  # statistics restored from a checkpoint live on the CPU
+                    acc = self._acc[key] = acc.to(contrib.device)
                 acc.add_(contrib)
         self.steps += 1
 
