@@ -5,6 +5,7 @@ import json
 import os
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn as nn
@@ -355,3 +356,29 @@ def test_hierarchy_benchmark_quick_run_prints_its_table(capsys):
     assert pruned["latency_ms"] > 0
     out = capsys.readouterr().out
     assert "| digits_resnet | 0.50 | hierarchy |" in out
+
+
+def test_default_hierarchy_on_a_vit_removes_encoder_blocks_then_widths(tmp_path):
+    """`HierarchicalPruning()` on a transformer: whole encoder blocks first, then channels (no arguments)."""
+    pytest.importorskip("timm")
+    from lightning_hprune.examples.digits import DigitsDataModule, DigitsViT
+
+    pl.seed_everything(0)
+    cb = HierarchicalPruning(target=0.5, start_epoch=0, end_epoch=3, measure_latency=False, verbose=False)
+    model = DigitsViT(embed_dim=64, depth=8, num_heads=2)
+    pl.Trainer(
+        max_epochs=4,
+        callbacks=[cb],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_train_batches=2,
+        limit_val_batches=1,
+        default_root_dir=tmp_path,
+    ).fit(model, DigitsDataModule(limit=128))
+    blocks = [b for r in cb.records for lv in r["levels"] for b in lv.get("blocks", [])]
+    assert blocks, cb.records
+    assert all(b.startswith("vit.blocks.") for b in blocks)
+    assert 0.5 <= cb.summary["achieved"] <= 0.53
+    assert model(torch.zeros(2, 1, 16, 16)).shape == (2, 10)
