@@ -268,3 +268,22 @@ def test_fit_prunes_heads_and_reloads(tmp_path: Path) -> None:
     model.eval()
     torch.testing.assert_close(loaded(x), model(x))
     assert [b.attn.num_heads for b in loaded.vit.blocks] == [b.attn.num_heads for b in model.vit.blocks]
+
+
+def test_rollback_points_restore_head_counts() -> None:
+    """The closed loop's CPU rollback point and the zero-copy event snapshot both restore `num_heads`."""
+    from lightning_hprune.core.graph import ModuleSnapshot
+    from lightning_hprune.core.rollback import CpuModuleSnapshot
+
+    model = tiny_vit()
+    x = torch.randn(2, 1, 16, 16)
+    expected = model(x)
+    for snapshot_cls in (CpuModuleSnapshot, ModuleSnapshot):
+        snapshot = snapshot_cls(model)
+        graph = PruningGraph(model, x[:1])
+        graph.prune({"blocks.0.attn.qkv": [0, 2]})
+        assert model.blocks[0].attn.num_heads == 2
+        snapshot.restore()
+        assert model.blocks[0].attn.num_heads == 4
+        assert model.blocks[0].attn.qkv.out_features == 3 * 64
+        torch.testing.assert_close(model(x), expected)
