@@ -287,3 +287,29 @@ def test_rollback_points_restore_head_counts() -> None:
         assert model.blocks[0].attn.num_heads == 4
         assert model.blocks[0].attn.qkv.out_features == 3 * 64
         torch.testing.assert_close(model(x), expected)
+
+
+def _masked_reference(model: nn.Module, out_proj: nn.Linear, heads: list[int], d: int) -> None:
+    with torch.no_grad():
+        for h in heads:
+            out_proj.weight[:, h * d : (h + 1) * d] = 0
+
+
+def test_distilbert_heads_are_removed_exactly() -> None:
+    from transformers import DistilBertConfig, DistilBertModel
+
+    torch.manual_seed(0)
+    cfg = DistilBertConfig(dim=64, n_heads=4, n_layers=2, hidden_dim=128, vocab_size=50)
+    model = DistilBertModel(cfg).eval()
+    reference = copy.deepcopy(model)
+    _masked_reference(model, reference.transformer.layer[0].attention.out_lin, [1], 16)
+    ids = torch.randint(0, 50, (2, 7))
+    graph = PruningGraph(model, {"input_ids": ids[:1]})
+    [root] = [g for g in graph.groups() if g.kind == "heads" and ".layer.0." in g.name]
+    assert root.size == 4
+    graph.prune({root.name: [1]})
+    attn = model.transformer.layer[0].attention
+    assert attn.n_heads == 3
+    assert attn.q_lin.out_features == 48
+    expected = reference(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(model(input_ids=ids).last_hidden_state, expected)

@@ -12,13 +12,18 @@ Two layouts are recognised by duck typing (no import of timm or transformers):
 * **fused** (timm ``Attention``, ViT/DeiT/Swin-style): a child ``qkv`` :class:`~torch.nn.Linear` whose
   ``3 * num_heads * head_dim`` outputs are laid out ``[q | k | v]``, head-major inside each; ``num_heads``
   (and ``attn_dim`` when present) are updated;
-* **separate** (Hugging Face BERT/RoBERTa/ViT ``*SelfAttention``): children ``query``, ``key`` and
-  ``value`` :class:`~torch.nn.Linear` of ``num_attention_heads * attention_head_size`` outputs;
-  ``num_attention_heads`` and ``all_head_size`` are updated.
+* **separate** (Hugging Face encoders): three :class:`~torch.nn.Linear` children named
+  ``query``/``key``/``value`` (BERT, RoBERTa, MiniLM, ViT) or ``q_lin``/``k_lin``/``v_lin`` (DistilBERT),
+  with the same number of outputs, a multiple of the module's ``attention_head_size`` or ``head_dim``;
+  the head count attributes it has (``num_attention_heads``, ``n_heads``, ``num_heads``) and
+  ``all_head_size`` are updated. Their forward infers the head count from the width
+  (``view(..., -1, head_dim)``).
 
-A module that looks like attention (it has a ``num_heads``/``num_attention_heads``/``n_heads``/``n_head``
-attribute) but matches neither layout is *protected*: groups that change the output width of its
-projections are not pruned at all (see :func:`protected_modules`), rather than risk a broken layer.
+A module that looks like attention (it has a head count ``num_heads``/``num_attention_heads``/``n_heads``/
+``n_head``, or a head size ``head_dim``/``attention_head_size``/``head_size``) but matches neither layout
+(fused GPT-2 ``c_attn``, ``q_proj``/``k_proj``/``v_proj`` decoders, ...) is *protected*: groups that
+change the output width of its projections are not pruned at all (see :func:`protected_modules`), rather
+than risk a broken layer.
 Heads are never re-sized: ``head_dim`` stays what the architecture chose (a multiple of 8 in practice,
 which is also what keeps attention fast).
 """
@@ -31,6 +36,13 @@ from dataclasses import dataclass
 import torch.nn as nn
 
 HEAD_COUNT_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "n_head")
+HEAD_SIZE_ATTRS = ("head_dim", "attention_head_size", "head_size")
+#: Names of separate query/key/value projections.
+SEPARATE_PROJECTIONS = (
+    ("query", "key", "value"),
+    ("q_lin", "k_lin", "v_lin"),
+    ("q_proj", "k_proj", "v_proj"),
+)
 
 
 @dataclass(frozen=True)
@@ -39,10 +51,11 @@ class HeadLayout:
 
     Attributes:
         module: name of the attention module (whose head count is updated after pruning).
-        projections: names of the projections whose outputs are head-structured (``qkv``, or
-            ``query``/``key``/``value``); any of them may be the root of the torch-pruning group.
+        projections: names of the projections whose outputs are head-structured (``qkv``, or the three
+            separate ones); any of them may be the root of the torch-pruning group.
         segments: 3 for a fused ``[q | k | v]`` projection, 1 for separate projections.
         style: ``"fused"`` or ``"separate"``.
+        head_size_attr: the module's attribute holding ``head_dim``.
 
     """
 
@@ -50,13 +63,15 @@ class HeadLayout:
     projections: tuple[str, ...]
     segments: int
     style: str
+    head_size_attr: str = "head_dim"
 
     def heads(self, model: nn.Module) -> tuple[int, int]:
-        """The current ``(num_heads, head_dim)`` of the layer."""
+        """The current ``(num_heads, head_dim)`` of the layer (the count is read from the projection width)."""
         attn = model.get_submodule(self.module)
-        if self.style == "fused":
-            return int(getattr(attn, "num_heads")), int(getattr(attn, "head_dim"))  # noqa: B009
-        return int(getattr(attn, "num_attention_heads")), int(getattr(attn, "attention_head_size"))  # noqa: B009
+        d = int(getattr(attn, self.head_size_attr))
+        projection = model.get_submodule(self.projections[0])
+        assert isinstance(projection, nn.Linear)
+        return projection.out_features // (self.segments * d), d
 
     def channels(self, model: nn.Module, heads: Sequence[int]) -> list[int]:
         """Output-channel indices (in a projection's current numbering) of the given heads."""
@@ -73,17 +88,17 @@ class HeadLayout:
         n, _ = self.heads(model)
         return tuple(tuple(self.channels(model, [h])) for h in range(n))
 
-    def set_heads(self, model: nn.Module, removed: int) -> None:
-        """Record on the attention module that ``removed`` heads are gone."""
+    def sync_heads(self, model: nn.Module) -> None:
+        """After pruning: set the layer's head-count (and width) attributes from its projections' width."""
         attn = model.get_submodule(self.module)
-        n, d = self.heads(model)
-        left = n - removed
-        count, width = (
-            ("num_heads", "attn_dim") if self.style == "fused" else ("num_attention_heads", "all_head_size")
-        )
-        setattr(attn, count, left)
-        if isinstance(getattr(attn, width, None), int):
-            setattr(attn, width, left * d)
+        left, d = self.heads(model)
+        counts = ("num_heads",) if self.style == "fused" else ("num_attention_heads", "n_heads", "num_heads")
+        for count in counts:
+            if _int_attr(attn, count):
+                setattr(attn, count, left)
+        for width in ("attn_dim", "all_head_size"):
+            if _int_attr(attn, width):
+                setattr(attn, width, left * d)
 
 
 def _linear(module: nn.Module, name: str) -> nn.Linear | None:
@@ -103,12 +118,17 @@ def layout_of(name: str, module: nn.Module) -> HeadLayout | None:
     heads, dim = _int_attr(module, "num_heads"), _int_attr(module, "head_dim")
     if qkv is not None and heads and dim and qkv.out_features == 3 * heads * dim:
         return HeadLayout(module=name, projections=(f"{prefix}qkv",), segments=3, style="fused")
-    q, k, v = (_linear(module, n) for n in ("query", "key", "value"))
-    heads, dim = _int_attr(module, "num_attention_heads"), _int_attr(module, "attention_head_size")
-    separate = q is not None and k is not None and v is not None and bool(heads) and bool(dim)
-    if separate and q.out_features == k.out_features == v.out_features == heads * dim:  # type: ignore[union-attr,operator]
-        names = tuple(f"{prefix}{n}" for n in ("query", "key", "value"))
-        return HeadLayout(module=name, projections=names, segments=1, style="separate")
+    size_attr = next((a for a in ("attention_head_size", "head_dim") if _int_attr(module, a)), None)
+    for triple in SEPARATE_PROJECTIONS:
+        q, k, v = (_linear(module, n) for n in triple)
+        if q is None or k is None or v is None or size_attr is None:
+            continue
+        d = _int_attr(module, size_attr) or 0
+        if q.out_features == k.out_features == v.out_features and q.out_features % d == 0:
+            names = tuple(f"{prefix}{n}" for n in triple)
+            return HeadLayout(
+                module=name, projections=names, segments=1, style="separate", head_size_attr=size_attr
+            )
     return None
 
 
@@ -133,7 +153,7 @@ def protected_modules(model: nn.Module) -> dict[str, str]:
     for name, module in model.named_modules():
         if isinstance(module, nn.MultiheadAttention) or layout_of(name, module) is not None:
             continue  # torch-pruning's own pruner keeps nn.MultiheadAttention consistent
-        if not any(_int_attr(module, a) for a in HEAD_COUNT_ATTRS):
+        if not any(_int_attr(module, a) for a in HEAD_COUNT_ATTRS + HEAD_SIZE_ATTRS):
             continue
         prefix = f"{name}." if name else ""
         for child_name, child in module.named_children():

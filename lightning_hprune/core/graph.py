@@ -292,7 +292,7 @@ class PruningGraph:
                         self.history.append({"op": "channels", "module": name, "idxs": plain})
                     else:
                         self._prune_root(name, layout.channels(self.model, plain))
-                        layout.set_heads(self.model, len(plain))
+                        layout.sync_heads(self.model)
                         self.history.append({"op": "heads", "module": name, "idxs": plain})
         except Exception as err:
             snapshot.restore()
@@ -340,7 +340,20 @@ class PruningGraph:
 
 
 def _forward_fn(model: nn.Module, example_inputs: Any) -> Any:
-    return call_model(model, example_inputs)
+    # torch-pruning walks the output's tensors; model outputs can also hold caches and other objects
+    # (Hugging Face `past_key_values`), which it cannot walk: hand it the tensors only.
+    return _tensors(call_model(model, example_inputs))
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    """Every tensor in a (nested) output: tensors, mappings, sequences; other objects are skipped."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, Mapping):
+        return [t for v in obj.values() for t in _tensors(v)]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in _tensors(v)]
+    return []
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
