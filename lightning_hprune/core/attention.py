@@ -38,11 +38,7 @@ import torch.nn as nn
 HEAD_COUNT_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "n_head")
 HEAD_SIZE_ATTRS = ("head_dim", "attention_head_size", "head_size")
 #: Names of separate query/key/value projections.
-SEPARATE_PROJECTIONS = (
-    ("query", "key", "value"),
-    ("q_lin", "k_lin", "v_lin"),
-    ("q_proj", "k_proj", "v_proj"),
-)
+SEPARATE_PROJECTIONS = (("query", "key", "value"), ("q_lin", "k_lin", "v_lin"))
 
 
 @dataclass(frozen=True)
