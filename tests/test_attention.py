@@ -200,6 +200,35 @@ def test_unrecognised_attention_is_never_cut_through() -> None:
     assert "mlp.0" in names  # the rest of the model is still prunable
 
 
+class ProjAttention(nn.Module):
+    """A decoder-style layer (`q_proj`/`k_proj`/`v_proj`, a `head_dim` and no head count): protected."""
+
+    def __init__(self, dim: int = 32, head_dim: int = 8) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(dim, dim) for _ in range(3))
+        self.o_proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = (
+            p(x).view(b, n, -1, self.head_dim).transpose(1, 2)
+            for p in (self.q_proj, self.k_proj, self.v_proj)
+        )
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.o_proj(y.transpose(1, 2).reshape(b, n, -1))
+
+
+def test_decoder_style_projections_are_protected() -> None:
+    model = UnknownNet()
+    model.attn = ProjAttention()
+    graph = PruningGraph(model, torch.randn(1, 5, 8))
+    names = [g.name for g in graph.groups()]
+    assert not any(n.startswith("attn.") for n in names)
+    assert set(graph.protected_groups.values()) == {"attn"}
+    assert "mlp.0" in names
+
+
 def test_torch_multihead_attention_residual_stream_prunes_and_runs() -> None:
     enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), 2)
     model = nn.Sequential(nn.Linear(8, 32), enc, nn.Linear(32, 3)).eval()
