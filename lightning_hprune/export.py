@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from lightning_hprune.core.graph import preserved_modes
+from lightning_hprune.core.graph import preserved_modes, tensors_in
 from lightning_hprune.core.measure import batch_of
 from lightning_hprune.core.validation import check_choice
 
@@ -176,7 +176,7 @@ def _onnx_runner(path: Path) -> Any:
         run = run_reference
 
     def call(inputs: Any) -> list[torch.Tensor]:
-        tensors = _flatten(inputs)
+        tensors = tensors_in(inputs)
         feeds = {n: t.detach().cpu().numpy() for n, t in zip(names, tensors, strict=True)}
         return [torch.from_numpy(np.asarray(o)) for o in run(feeds)]
 
@@ -239,18 +239,8 @@ def _call(model: Any, inputs: Any) -> Any:
     return model(*args, **kwargs)
 
 
-def _flatten(outputs: Any) -> list[torch.Tensor]:
-    if isinstance(outputs, torch.Tensor):
-        return [outputs]
-    if isinstance(outputs, Mapping):
-        return [t for v in outputs.values() for t in _flatten(v)]
-    if isinstance(outputs, (list, tuple)):
-        return [t for v in outputs for t in _flatten(v)]
-    return []
-
-
 def _compare(expected: Any, actual: Any, format: str, atol: float, rtol: float) -> None:
-    want, got = _flatten(expected), _flatten(actual)
+    want, got = tensors_in(expected), tensors_in(actual)
     if len(want) != len(got):
         raise ExportMismatchError(
             f"The {format} export returns {len(got)} tensors, but the model returns {len(want)}."

@@ -342,17 +342,17 @@ class PruningGraph:
 def _forward_fn(model: nn.Module, example_inputs: Any) -> Any:
     # torch-pruning walks the output's tensors; model outputs can also hold caches and other objects
     # (Hugging Face `past_key_values`), which it cannot walk: hand it the tensors only.
-    return _tensors(call_model(model, example_inputs))
+    return tensors_in(call_model(model, example_inputs))
 
 
-def _tensors(obj: Any) -> list[torch.Tensor]:
-    """Every tensor in a (nested) output: tensors, mappings, sequences; other objects are skipped."""
+def tensors_in(obj: Any) -> list[torch.Tensor]:
+    """Every tensor in a (nested) structure: tensors, mappings, sequences; other objects are skipped."""
     if isinstance(obj, torch.Tensor):
         return [obj]
     if isinstance(obj, Mapping):
-        return [t for v in obj.values() for t in _tensors(v)]
+        return [t for v in obj.values() for t in tensors_in(v)]
     if isinstance(obj, (list, tuple)):
-        return [t for v in obj for t in _tensors(v)]
+        return [t for v in obj for t in tensors_in(v)]
     return []
 
 
