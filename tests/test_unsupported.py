@@ -312,3 +312,32 @@ def test_reduced_precision_is_supported(tmp_path: Path, precision: str) -> None:
     for p in (p for g in opt.param_groups for p in g["params"]):
         assert opt.state[p]["exp_avg"].shape == p.shape
     assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in model.parameters()}
+
+
+def test_grouping_that_never_finishes_fails_instead_of_hanging(monkeypatch):
+    """torch-pruning's grouping can loop forever on some models: the graph gives up with a clear error."""
+    import threading
+    import time
+
+    import torch_pruning as tp
+
+    from lightning_hprune.core.graph import PruningError, PruningGraph
+
+    release = threading.Event()
+
+    def forever(self, *args, **kwargs):
+        while not release.is_set():
+            time.sleep(0.01)
+        return iter(())
+
+    model = TinyCNN()
+    graph = PruningGraph(model, torch.zeros(1, 3, 8, 8))
+    monkeypatch.setattr(tp.DependencyGraph, "get_all_groups", forever)
+    monkeypatch.setattr(PruningGraph, "grouping_timeout_s", 0.3)
+    graph._grouping_checked = False
+    try:
+        with pytest.raises(PruningError, match=r"did not finish grouping .* within 0\.3 s"):
+            graph.groups()
+    finally:
+        release.set()  # let the abandoned worker thread end
+    assert all(m.training for m in model.modules())  # modes untouched

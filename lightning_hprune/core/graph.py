@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import fnmatch
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -164,6 +165,9 @@ class PruningGraph:
 
     #: Number of dependency-graph builds in this process (lets tests and benchmarks check rebuild counts).
     builds: int = 0
+    #: Seconds the first grouping after a (re)build may take. torch-pruning's grouping can loop forever on
+    #: some architectures; a fit must fail with a message rather than hang.
+    grouping_timeout_s: float = 300.0
 
     def __init__(
         self, model: nn.Module, example_inputs: Any, ignored_layers: Sequence[nn.Module] = ()
@@ -197,13 +201,14 @@ class PruningGraph:
         self._protected = protected_modules(self.model)
         #: Groups left out because they would cut through the heads of an unrecognised attention layer.
         self.protected_groups: dict[str, str] = {}
+        self._grouping_checked = False
 
     # ------------------------------------------------------------------ groups
     def groups(self) -> list[ChannelGroup]:
         """Every prunable channel group: never one that reaches the model's output or an ignored layer's output."""
         out: list[ChannelGroup] = []
         with preserved_modes(self.model):
-            for group in self._dg.get_all_groups(ignored_layers=list(self.ignored_layers)):
+            for group in self._all_groups():
                 if any(self._reaches_output(dep) for dep, _ in group):
                     continue
                 root = group[0].dep.target.module
@@ -232,6 +237,34 @@ class PruningGraph:
                     continue
                 out.append(ChannelGroup(name=name, size=len(group[0].idxs), modules=modules, group=group))
         return out
+
+    def _all_groups(self) -> list[Any]:
+        """torch-pruning's groups; the first call after a build runs under ``grouping_timeout_s``."""
+        ignored = list(self.ignored_layers)
+        if self._grouping_checked:
+            return list(self._dg.get_all_groups(ignored_layers=ignored))
+        box: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                box["groups"] = list(self._dg.get_all_groups(ignored_layers=ignored))
+            except BaseException as err:  # re-raised in the calling thread
+                box["error"] = err
+
+        worker = threading.Thread(target=run, name="hprune-grouping", daemon=True)
+        worker.start()
+        worker.join(self.grouping_timeout_s)
+        if worker.is_alive():
+            raise PruningError(
+                f"torch-pruning did not finish grouping the channels of {type(self.model).__name__} within "
+                f"{self.grouping_timeout_s:g} s (its dependency search can loop on some architectures, e.g. "
+                "Llama-style decoders). Nothing was pruned. Exclude the part it cannot handle with "
+                "`ignored_layers`, or raise `PruningGraph.grouping_timeout_s` if the model is just large."
+            )
+        if "error" in box:
+            raise box["error"]
+        self._grouping_checked = True
+        return list(box["groups"])
 
     def _cuts_unknown_heads(self, group: Any) -> str | None:
         """The unrecognised attention module whose projections' output width ``group`` changes, if any."""
