@@ -44,6 +44,9 @@ def build_cost_model(
     dg = graph._dg
     per_channel: dict[str, float] = {}
     for g in groups:
+        if g.units is not None:  # attention heads: one head's share of the layer, not per channel
+            per_channel[g.name] = _per_head(graph, g, kind, macs)
+            continue
         seen: dict[int, float] = {}
         for dep, _ in g.group:
             module = dep.target.module
@@ -64,8 +67,6 @@ def build_cost_model(
                 c = sum(p.numel() / n for p in module.parameters(recurse=False) if n in p.shape)
             seen[id(module)] = max(seen.get(id(module), 0.0), c)
         per_channel[g.name] = float(sum(seen.values()))
-        if g.units is not None:
-            per_channel[g.name] = _per_head(graph, g, kind, macs)
     total = float(macs.total) if kind == "macs" and macs is not None else float(count_params(graph.model))
     return CostModel(kind=kind, total=total, per_channel=per_channel)
 

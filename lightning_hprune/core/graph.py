@@ -128,8 +128,6 @@ class ChannelGroup:
         group: the torch-pruning group with full indices (for criteria, which score channels).
         units: for a group pruned in whole units (attention heads): the root's channel indices of every
             unit; ``None`` when every channel is a unit.
-        align: kept widths of this group are multiples of this many units (``None``: the callback's
-            ``round_to``; 1 for heads, whose width in channels is already a multiple of ``head_dim``).
 
     """
 
@@ -138,7 +136,15 @@ class ChannelGroup:
     modules: tuple[str, ...]
     group: Any
     units: tuple[tuple[int, ...], ...] | None = None
-    align: int | None = None
+
+    @property
+    def align(self) -> int | None:
+        """Kept widths are multiples of this many units (``None``: the callback's ``round_to``).
+
+        Channel groups follow ``round_to``; head groups align to 1 head, since their width in channels is
+        already a multiple of ``head_dim``.
+        """
+        return None if self.units is None else 1
 
     @property
     def kind(self) -> str:
@@ -230,9 +236,7 @@ class PruningGraph:
                 if layout is not None:
                     units = layout.units(self.model)
                     out.append(
-                        ChannelGroup(
-                            name=name, size=len(units), modules=modules, group=group, units=units, align=1
-                        )
+                        ChannelGroup(name=name, size=len(units), modules=modules, group=group, units=units)
                     )
                     continue
                 out.append(ChannelGroup(name=name, size=len(group[0].idxs), modules=modules, group=group))
