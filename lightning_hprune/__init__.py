@@ -1,6 +1,12 @@
-"""lightning_hprune: hierarchical structured pruning as a PyTorch Lightning callback."""
+"""lightning_hprune: hierarchical structured pruning as PyTorch Lightning callbacks.
 
-from lightning_hprune.callbacks import HierarchicalPruning, PruningCallback
+The names here are what a script or a LightningCLI YAML file writes; everything else stays importable from
+its module (criteria from :mod:`lightning_hprune.core.importance`, the Lightning-free
+:class:`~lightning_hprune.core.session.PruningSession`, the level base classes in
+:mod:`lightning_hprune.core.levels`, export helpers in :mod:`lightning_hprune.export`, ...).
+"""
+
+from lightning_hprune.callbacks.hierarchical import HierarchicalPruning
 from lightning_hprune.callbacks.levels import (
     BlockPruning,
     GlobalPruning,
@@ -10,61 +16,33 @@ from lightning_hprune.callbacks.levels import (
 )
 from lightning_hprune.checkpoint import load_pruned, restore_structure
 from lightning_hprune.core.blocks import BlockLevel
+from lightning_hprune.core.closed_loop import ClosedLoop
 from lightning_hprune.core.graph import PruningError
-from lightning_hprune.core.importance import (
-    ActivationImportance,
-    BNScaleImportance,
-    Importance,
-    IntegratedImportance,
-    MagnitudeImportance,
-    RandomImportance,
-    TaylorImportance,
-)
-from lightning_hprune.core.levels import (
-    GlobalLevel,
-    LayerLevel,
-    Level,
-    ModuleLevel,
-    UniformLevel,
-    UnitLevel,
-    WindowLevel,
-)
-from lightning_hprune.core.sensitivity import SensitivityAnalysis, measure_sensitivity, sensitivity_ratios
-from lightning_hprune.export import ExportMismatchError, export_pruned, load_exported
+from lightning_hprune.core.importance import IntegratedImportance
+from lightning_hprune.core.levels import GlobalLevel, LayerLevel, UnitLevel, WindowLevel
+from lightning_hprune.core.sensitivity import SensitivityAnalysis
+from lightning_hprune.export import export_pruned
 
-__version__ = "0.1.0.dev0"
+__version__ = "0.2.0.dev0"
 
 __all__ = [
-    "ActivationImportance",
-    "BNScaleImportance",
     "BlockLevel",
     "BlockPruning",
-    "ExportMismatchError",
+    "ClosedLoop",
     "GlobalLevel",
     "GlobalPruning",
     "HierarchicalPruning",
-    "Importance",
     "IntegratedImportance",
     "LayerLevel",
     "LayerPruning",
-    "Level",
-    "MagnitudeImportance",
-    "ModuleLevel",
-    "PruningCallback",
     "PruningError",
-    "RandomImportance",
     "SensitivityAnalysis",
-    "TaylorImportance",
-    "UniformLevel",
     "UnitLevel",
     "UnitPruning",
     "WindowLevel",
     "WindowPruning",
     "__version__",
     "export_pruned",
-    "load_exported",
     "load_pruned",
-    "measure_sensitivity",
     "restore_structure",
-    "sensitivity_ratios",
 ]

@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from lightning_hprune.core.graph import PruningGraph
+from lightning_hprune.core.session import history_of
 
 STATE_MARKER = "lightning_hprune"
 
@@ -33,11 +34,21 @@ T = TypeVar("T", bound=nn.Module)
 
 
 def find_pruning_state(checkpoint: Mapping[str, Any]) -> dict[str, Any] | None:
-    """Return the pruning callback state stored in a Lightning checkpoint dict, if any."""
+    """Return the pruning state stored in a Lightning checkpoint dict, if any.
+
+    With several cooperating pruning callbacks, the leading one's entry holds the state; the others' entries
+    only point at it (``"member_of"``).
+    """
     for value in (checkpoint.get("callbacks") or {}).values():
-        if isinstance(value, Mapping) and value.get("marker") == STATE_MARKER:
+        if isinstance(value, Mapping) and value.get("marker") == STATE_MARKER and "member_of" not in value:
             return dict(value)
     return None
+
+
+def pruning_history(checkpoint: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The structural history recorded in a Lightning checkpoint dict (empty when it records no pruning)."""
+    state = find_pruning_state(checkpoint)
+    return history_of(state) if state else []
 
 
 def has_structure_of(model: nn.Module, state_dict: Mapping[str, Any]) -> bool:
@@ -73,14 +84,14 @@ def restore_structure(
 
     """
     state = find_pruning_state(checkpoint)
-    if not state or not state.get("history"):
+    history = history_of(state) if state else []
+    if not state or not history:
         return None
     if state.get("example_input") is None:
         raise ValueError(
             "Expected the checkpoint's pruning state to hold an `example_input` to trace the model with, but "
             "got None."
         )
-    history = [dict(step) for step in state["history"]]
     graph = PruningGraph(model, state["example_input"], ignored_layers=ignored_layers or [])
     weights = checkpoint.get("state_dict")
     if isinstance(weights, Mapping) and has_structure_of(model, weights):

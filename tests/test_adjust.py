@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from lightning_hprune import HierarchicalPruning
+from lightning_hprune import ClosedLoop, HierarchicalPruning
 from lightning_hprune.core.adjust import (
     DECISION_CODES,
     AdjustConfig,
@@ -24,7 +24,7 @@ from lightning_hprune.core.adjust import (
 from lightning_hprune.core.graph import PruningGraph
 from lightning_hprune.core.levels import GlobalLevel
 from lightning_hprune.core.optim_state import remap_optimizer
-from lightning_hprune.core.rollback import RollbackPoint
+from lightning_hprune.core.undo import Snapshot
 from tests.helpers import TinyCNN, loaders, trainer
 
 
@@ -100,21 +100,37 @@ def test_config_validation(kwargs: dict[str, Any], match: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "match"),
+    ("build", "match"),
     [
-        ({"max_drop": 0.01}, "monitor"),  # the loop needs a metric
-        ({"monitor": "val_acc", "max_drop": 2.0}, "max_drop"),
-        ({"max_retries": 1.5}, "max_retries"),
-        ({"mode": "maximum"}, "mode"),
-        ({"sensitivity": 0.3}, "sensitivity"),
+        (lambda: HierarchicalPruning(closed_loop=ClosedLoop(max_drop=0.01)), "monitor"),  # needs a metric
+        (lambda: HierarchicalPruning(monitor="val_acc", closed_loop=ClosedLoop(max_drop=2.0)), "max_drop"),
+        (lambda: ClosedLoop(max_retries=1.5), "max_retries"),  # type: ignore[arg-type]
+        (lambda: ClosedLoop(back_off=1.0), "back_off"),
+        (lambda: HierarchicalPruning(mode="maximum"), "mode"),
+        (lambda: HierarchicalPruning(monitor="val_acc", closed_loop=0.01), "closed_loop"),  # type: ignore[arg-type]
+        (lambda: HierarchicalPruning(sensitivity=0.3), "sensitivity"),  # type: ignore[arg-type]
     ],
+    ids=["no-monitor", "max_drop", "max_retries", "back_off", "mode", "closed_loop", "sensitivity"],
 )
-def test_callback_validates_adjustment_arguments(kwargs: dict[str, Any], match: str) -> None:
+def test_callback_validates_adjustment_arguments(build: Any, match: str) -> None:
     with pytest.raises(ValueError, match=f"Expected argument `{match}`"):
-        HierarchicalPruning(**kwargs)
+        build()
 
 
 # ---------------------------------------------------------------------- rollback point (CPU)
+class Tagged:
+    """A stateful part whose state is a mutable dict."""
+
+    def __init__(self) -> None:
+        self.tag = {"n": 1}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"tag": self.tag}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.tag = state["tag"]
+
+
 def test_rollback_point_restores_model_and_optimizer_from_cpu() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3))
@@ -130,9 +146,11 @@ def test_rollback_point_restores_model_and_optimizer_from_cpu() -> None:
     graph = PruningGraph(model, x[:1])
     saved_state = {k: v.clone() for k, v in model.state_dict().items()}
     saved_adam = {k: v.clone() for k, v in opt.state[model[0].weight].items()}
-    point = RollbackPoint(model, [opt], graph.history, extra={"tag": 1})
-    assert point.module.nbytes > 0
-    assert all(d.device.type == "cpu" for d, *_ in point.module._params.values())
+    tag = Tagged()
+    point = Snapshot(model, [opt], parts=[tag], history=graph.history, copy=True)
+    tag.tag["n"] = 2  # mutated in place after the snapshot: the snapshot kept its value
+    assert point.nbytes > 0
+    assert all(d.device.type == "cpu" for d, *_ in point._model._params.values())  # type: ignore[union-attr]
 
     surgery = graph.prune({"0": [1, 4, 6]})
     remap_optimizer(opt, surgery, list(model.parameters()))
@@ -140,7 +158,7 @@ def test_rollback_point_restores_model_and_optimizer_from_cpu() -> None:
     assert model[0].out_channels == 5
     assert graph.history
 
-    new_params = point.restore(graph.history)
+    new_params = point.restore()
     graph.rebuild()
     assert model[0].out_channels == 8
     assert model[1].num_features == 8
@@ -155,7 +173,7 @@ def test_rollback_point_restores_model_and_optimizer_from_cpu() -> None:
     assert set(map(id, new_params.values())) == {id(p) for p in model.parameters()}
     step()  # training goes on with the restored parameters
     assert opt.state[model[0].weight]["step"] == saved_adam["step"] + 1
-    assert point.extra == {"tag": 1}
+    assert tag.tag == {"n": 1}
 
 
 # ---------------------------------------------------------------------- real runs
@@ -176,13 +194,14 @@ def aggressive(**kwargs: Any) -> HierarchicalPruning:
         "round_to": 1,
         "importance": "random",
         "monitor": "val_acc",
-        "max_drop": 0.02,
         "measure_latency": False,
     }
+    loop = ClosedLoop(max_drop=0.02, max_retries=kwargs.pop("max_retries", 2))
     args.update(kwargs)
-    return HierarchicalPruning(**args)
+    return HierarchicalPruning(closed_loop=loop, **args)
 
 
+@pytest.mark.fit
 def test_too_aggressive_schedule_rolls_back_and_stays_within_bound(tmp_path: Path) -> None:
     pl.seed_everything(0)
     cb = aggressive(max_retries=2)
@@ -221,13 +240,14 @@ def test_too_aggressive_schedule_rolls_back_and_stays_within_bound(tmp_path: Pat
 
     # the decisions are part of the checkpointed state
     state = cb.state_dict()
-    assert [d["action"] for d in state["adjust"]["decisions"]] == actions
+    assert [d["action"] for d in state["decisions"]["entries"]] == actions
     fresh = aggressive()
     fresh.load_state_dict(state)
     assert fresh.decisions == cb.decisions
     assert fresh.rate == cb.rate
 
 
+@pytest.mark.fit
 def test_stops_after_max_retries_and_keeps_the_last_good_model(tmp_path: Path) -> None:
     pl.seed_everything(0)
     cb = aggressive(max_retries=0)
@@ -251,7 +271,7 @@ def test_stops_after_max_retries_and_keeps_the_last_good_model(tmp_path: Path) -
 def test_pending_check_after_resume_without_snapshot_stops(tmp_path: Path) -> None:
     """The CPU copy is not checkpointed: a failing check after a resume stops instead of guessing."""
     cb = aggressive()
-    cb.load_state_dict(
+    cb.load_state_dict(  # a version-1 state (the first release's layout), migrated on load
         {
             "event_index": 1,
             "baseline": {"metric": 1.0, "dense_macs": 1.0},
@@ -271,7 +291,7 @@ def test_pending_check_after_resume_without_snapshot_stops(tmp_path: Path) -> No
         loggers: list[Any] = []
         max_epochs = 6
 
-    assert cb._check_adjustment(FakeTrainer(), None) is False  # type: ignore[arg-type]
+    assert cb._judge(FakeTrainer(), None) is False  # type: ignore[arg-type]
     assert cb.stopped
     assert cb.decisions[-1]["action"] == "stop"
     assert "not available" in cb.decisions[-1]["reason"]

@@ -257,6 +257,7 @@ class ViTModule(pl.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=1e-3)
 
 
+@pytest.mark.fit
 def test_fit_prunes_heads_and_reloads(tmp_path: Path) -> None:
     """A real fit of a ViT: heads go in whole, the report says so, and the checkpoint reloads."""
     g = torch.Generator().manual_seed(0)
@@ -301,14 +302,13 @@ def test_fit_prunes_heads_and_reloads(tmp_path: Path) -> None:
 
 def test_rollback_points_restore_head_counts() -> None:
     """The closed loop's CPU rollback point and the zero-copy event snapshot both restore `num_heads`."""
-    from lightning_hprune.core.graph import ModuleSnapshot
-    from lightning_hprune.core.rollback import CpuModuleSnapshot
+    from lightning_hprune.core.undo import Snapshot
 
     model = tiny_vit()
     x = torch.randn(2, 1, 16, 16)
     expected = model(x)
-    for snapshot_cls in (CpuModuleSnapshot, ModuleSnapshot):
-        snapshot = snapshot_cls(model)
+    for on_cpu in (True, False):
+        snapshot = Snapshot(model, copy=on_cpu)
         graph = PruningGraph(model, x[:1])
         graph.prune({"blocks.0.attn.qkv": [0, 2]})
         assert model.blocks[0].attn.num_heads == 2

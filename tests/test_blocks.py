@@ -288,6 +288,7 @@ def test_block_level_arguments(kwargs, message):
 
 
 # ---------------------------------------------------------------- the callback, end to end
+@pytest.mark.fit
 def test_block_pruning_callback_removes_blocks_during_fit_and_reloads(tmp_path):
     torch.manual_seed(0)
     model = TinyResNet()

@@ -11,6 +11,8 @@ from lightning_hprune.core.graph import PruningGraph
 from lightning_hprune.core.measure import count_macs, count_params
 from tests.helpers import TinyCNN, loaders, trainer
 
+pytestmark = pytest.mark.fit  # every test here runs a Trainer (or a fresh process)
+
 
 class ModeProbe(Callback):
     """Records train mode of every module and the loss at every training batch."""
@@ -181,7 +183,7 @@ def test_example_input_from_first_batch(tmp_path):
     t = trainer(tmp_path, [cb], max_epochs=1)
     train, val = loaders()
     t.fit(model, train, val)
-    assert cb.example_input.shape == (1, 3, 8, 8)
+    assert cb.session.example_input.shape == (1, 3, 8, 8)
     assert cb.records[-1]["removed"] > 0.2
 
 

@@ -16,7 +16,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 import lightning_hprune
 from lightning_hprune import HierarchicalPruning
 from lightning_hprune.checkpoint import STATE_MARKER, find_pruning_state, has_structure_of, load_pruned
+from lightning_hprune.core.session import history_of
 from tests.helpers import TinyCNN, loaders, trainer
+
+pytestmark = pytest.mark.fit  # every test here runs a Trainer (or a fresh process)
 
 REPO = Path(__file__).resolve().parents[1]
 PLAIN = (str, int, float, bool, type(None), torch.Tensor)
@@ -67,13 +70,13 @@ def test_pruned_checkpoints_are_plain_data_loaded_with_weights_only(pruned_run: 
         assert state is not None
         assert state["marker"] == STATE_MARKER
         assert _walk(state) == []  # names, indices, numbers and one example tensor: nothing pickled
-        for step in state["history"]:
+        for step in history_of(state):
             assert step["op"] in {"channels", "identity"}
             assert isinstance(step["module"], str)
             assert all(isinstance(i, int) for i in step.get("idxs", []))
         assert isinstance(state["example_input"], torch.Tensor)
         assert tuple(state["example_input"].shape) == (1, 3, 8, 8)
-        events.append((state["event_index"], len(state["history"])))
+        events.append((state["schedule"]["position"], len(history_of(state))))
         # Each checkpoint's structure can be rebuilt on a fresh model and takes its weights strictly.
         fresh = TinyCNN()
         lightning_hprune.restore_structure(fresh, checkpoint)
@@ -153,8 +156,8 @@ def test_resume_with_a_self_restoring_module_does_not_prune_twice(
     t.fit(model, train, val, ckpt_path=str(path))
     assert t.state.finished
     assert probe.matches
-    n = len(restored["history"])
-    assert pruning.history_steps()[:n] == restored["history"]
+    n = len(history_of(restored))
+    assert pruning.history_steps()[:n] == history_of(restored)
     assert len(pruning.history_steps()) > n  # the second event ran on top of the restored structure
     assert pruning.event_index == 2
 

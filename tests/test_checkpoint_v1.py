@@ -13,13 +13,16 @@ import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
+import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lightning_hprune import HierarchicalPruning, load_pruned
+from lightning_hprune import ClosedLoop, HierarchicalPruning, load_pruned
 from lightning_hprune.checkpoint import find_pruning_state, has_structure_of
 from tests.fixtures.make_v1_checkpoint import CALLBACK_KWARGS, MAX_EPOCHS, MODEL_KWARGS, loaders
 from tests.helpers import TinyCNN
+
+pytestmark = pytest.mark.fit  # every test here runs a Trainer (or a fresh process)
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "v1_mid_pruning.ckpt"
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,7 +73,7 @@ class StartProbe(Callback):
 def test_v1_checkpoint_resumes_and_completes_the_schedule(tmp_path: Path) -> None:
     pl.seed_everything(0)
     model = TinyCNN(**MODEL_KWARGS)
-    cb = HierarchicalPruning(**CALLBACK_KWARGS, max_drop=0.5)
+    cb = HierarchicalPruning(**CALLBACK_KWARGS, closed_loop=ClosedLoop(max_drop=0.5))
     probe = StartProbe()
     trainer = pl.Trainer(
         max_epochs=MAX_EPOCHS,

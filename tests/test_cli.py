@@ -6,6 +6,8 @@ import yaml
 from lightning_hprune import HierarchicalPruning
 from lightning_hprune.cli import build_cli
 
+pytestmark = pytest.mark.fit  # every test here runs a Trainer (or a fresh process)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -58,6 +58,7 @@ def test_default_composition_is_blocks_then_global():
     assert default_levels()[0] is not levels[0]  # fresh objects for every callback
 
 
+@pytest.mark.fit
 def test_default_hierarchy_on_a_residual_net_removes_blocks_and_channels(tmp_path):
     torch.manual_seed(0)
     model = TinyResNet()
@@ -88,6 +89,7 @@ def test_default_hierarchy_on_a_residual_net_removes_blocks_and_channels(tmp_pat
     assert logged_blocks == len(removed)
 
 
+@pytest.mark.fit
 def test_default_hierarchy_on_a_plain_cnn_gives_the_block_share_to_the_channels(tmp_path):
     torch.manual_seed(0)
     cb = HierarchicalPruning(target=0.5, start_epoch=0, end_epoch=1, measure_latency=False, verbose=False)
@@ -124,6 +126,7 @@ def test_default_levels_on_a_transformer_remove_layers_then_width():
 
 
 # ---------------------------------------------------------------- shares, own schedules, catching up
+@pytest.mark.fit
 def test_a_coarse_level_catches_up_on_its_share_at_a_later_event(tmp_path):
     # A block costs ~20 % of TinyResNet's MACs; the block level owes half of 0.5 on a linear schedule:
     # 6.25 % after event 0 (no block fits), then 12.5 %, 18.75 %, 25 %: it removes blocks later (blocks
@@ -153,6 +156,7 @@ def test_a_coarse_level_catches_up_on_its_share_at_a_later_event(tmp_path):
     assert cb.records[-1]["removed"] == pytest.approx(0.5, abs=0.03)
 
 
+@pytest.mark.fit
 def test_a_level_with_its_own_constant_schedule_acts_in_full_at_the_first_event(tmp_path):
     torch.manual_seed(0)
     # The layer level owes 25 % of the MACs at once, more than its mapping gives (~12 %): it applies the whole
@@ -174,6 +178,7 @@ def test_a_level_with_its_own_constant_schedule_acts_in_full_at_the_first_event(
     assert cb.records[-1]["removed"] == pytest.approx(0.5, abs=0.03)
 
 
+@pytest.mark.fit
 def test_repeated_level_classes_log_under_distinct_names(tmp_path):
     levels = [GlobalLevel(share=0.5, max_layer_ratio=0.3), GlobalLevel(share=0.5)]
     cb = HierarchicalPruning(
@@ -186,23 +191,28 @@ def test_repeated_level_classes_log_under_distinct_names(tmp_path):
 
 
 # ---------------------------------------------------------------- per-level callbacks
+# fine steps on these narrow layers (the window level aligns to its windows)
+COMMON = {"measure_latency": False, "verbose": False, "start_epoch": 0, "end_epoch": 1, "round_to": 2}
+
+
+@pytest.mark.fit
 @pytest.mark.parametrize(
-    ("callback", "check"),
+    ("make", "check"),
     [
-        (GlobalPruning(target=0.4, max_layer_ratio=0.7), None),
-        (LayerPruning(target=0.4), "uniform"),
-        (LayerPruning(target=0.4, ratios={"features.0": 0.25, "features.[36]": 0.75}), "ratios"),
-        (WindowPruning(target=0.4, window_size=16, round_to=1), "windows"),
-        (UnitPruning(target=0.3, threshold=3.0, reference="mean"), None),
+        (lambda: GlobalPruning(target=0.4, max_layer_ratio=0.7, **COMMON), None),
+        (lambda: LayerPruning(target=0.4, **COMMON), "uniform"),
+        (
+            lambda: LayerPruning(target=0.4, ratios={"features.0": 0.25, "features.[36]": 0.75}, **COMMON),
+            "ratios",
+        ),
+        (lambda: WindowPruning(target=0.4, window_size=16, **{**COMMON, "round_to": 1}), "windows"),
+        (lambda: UnitPruning(target=0.3, threshold=3.0, reference="mean", **COMMON), None),
     ],
     ids=["global", "layer-uniform", "layer-ratios", "window", "unit"],
 )
-def test_each_level_callback_prunes_during_fit(tmp_path, callback, check):
+def test_each_level_callback_prunes_during_fit(tmp_path, make, check):
     torch.manual_seed(0)
-    callback.measure_latency = False
-    callback.verbose = False
-    callback.start_epoch, callback.end_epoch = 0, 1
-    callback.round_to = 2  # fine steps on these narrow layers (the window level aligns to its windows)
+    callback = make()
     model = TinyCNN(widths=(32, 64, 48))
     t = fit(tmp_path, model, callback)
     report = read_report(t)
@@ -228,6 +238,7 @@ def test_each_level_callback_prunes_during_fit(tmp_path, callback, check):
         assert max(ratios) - min(ratios) <= 2 / 32
 
 
+@pytest.mark.fit
 def test_block_pruning_on_a_plain_cnn_removes_nothing_and_says_so(tmp_path):
     cb = BlockPruning(target=0.3, start_epoch=0, end_epoch=0, measure_latency=False, verbose=False)
     with pytest.warns(UserWarning, match="removed 0.0% of macs"):
@@ -235,17 +246,22 @@ def test_block_pruning_on_a_plain_cnn_removes_nothing_and_says_so(tmp_path):
     assert read_report(t)["achieved"] == 0.0
 
 
-def test_two_pruning_callbacks_on_one_trainer_is_a_clear_error(tmp_path):
+@pytest.mark.fit
+def test_cooperating_callbacks_with_conflicting_settings_are_refused_in_setup(tmp_path):
     cbs = [BlockPruning(target=0.2), GlobalPruning(target=0.4)]
     t = trainer(tmp_path, cbs, max_epochs=2)
     train, val = loaders()
-    with pytest.raises(ValueError, match=r"at most one pruning callback per Trainer") as err:
+    with pytest.raises(ValueError, match=r"pruning callbacks on one Trainer to share their settings") as err:
         t.fit(TinyResNet(), train, val)
-    assert "['BlockPruning', 'GlobalPruning']" in str(err.value)
-    assert "HierarchicalPruning(levels=[BlockLevel(" in str(err.value)
+    message = str(err.value)
+    assert "BlockPruning(target=0.2" in message
+    assert "GlobalPruning(target=0.4" in message
+    assert "target: 0.2 vs 0.4" in message
+    assert "HierarchicalPruning(levels=[BlockLevel(" in message
     assert t.global_step == 0
 
 
+@pytest.mark.fit
 def test_layer_pattern_matching_no_module_raises_in_setup(tmp_path):
     cb = LayerPruning(target=0.3, ratios={"backbone.*": 0.5})
     t = trainer(tmp_path, [cb], max_epochs=2)
@@ -278,12 +294,13 @@ def test_every_hierarchy_yaml_is_shipped_and_tested():
     assert shipped == set(EXPECTED)
 
 
+@pytest.mark.fit
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_hierarchy_yaml_configures_its_levels(tmp_path, monkeypatch, name):
     monkeypatch.chdir(tmp_path)
     cli = build_cli(["--config", str(ROOT / "examples" / name)], run=False)
-    [cb] = [c for c in cli.trainer.callbacks if hasattr(c, "levels_for_event")]
-    levels = cb.levels_for_event()
+    [cb] = [c for c in cli.trainer.callbacks if hasattr(c, "session")]
+    levels = cb.levels
     assert [type(lv) for lv in levels] == EXPECTED[name]
     config = yaml.safe_load((ROOT / "examples" / name).read_text())
     init = config["trainer"]["callbacks"][0]["init_args"]
@@ -297,6 +314,7 @@ def test_hierarchy_yaml_configures_its_levels(tmp_path, monkeypatch, name):
         assert (levels[0].metric, levels[0].max_blocks, cb.target) == ("output", 3, 0.25)
 
 
+@pytest.mark.fit
 def test_hierarchy_yaml_runs_a_short_fit_through_the_cli(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = yaml.safe_load((ROOT / "examples" / "hierarchy_block_global_window.yaml").read_text())
@@ -316,6 +334,7 @@ def test_hierarchy_yaml_runs_a_short_fit_through_the_cli(tmp_path, monkeypatch):
     assert (tmp_path / "logs" / "hierarchy_block_global_window").is_dir()
 
 
+@pytest.mark.fit
 def test_vit_yaml_prunes_blocks_and_heads_through_the_cli(tmp_path, monkeypatch):
     pytest.importorskip("timm")
     monkeypatch.chdir(tmp_path)
@@ -340,6 +359,7 @@ def test_vit_yaml_prunes_blocks_and_heads_through_the_cli(tmp_path, monkeypatch)
 
 
 # ---------------------------------------------------------------- the benchmark runs
+@pytest.mark.fit
 def test_hierarchy_benchmark_quick_run_prints_its_table(capsys):
     from benchmarks.hierarchy import main
 
@@ -358,6 +378,7 @@ def test_hierarchy_benchmark_quick_run_prints_its_table(capsys):
     assert "| digits_resnet | 0.50 | hierarchy |" in out
 
 
+@pytest.mark.fit
 def test_default_hierarchy_on_a_vit_removes_encoder_blocks_then_widths(tmp_path):
     """`HierarchicalPruning()` on a transformer: whole encoder blocks first, then channels (no arguments)."""
     pytest.importorskip("timm")
@@ -382,3 +403,55 @@ def test_default_hierarchy_on_a_vit_removes_encoder_blocks_then_widths(tmp_path)
     assert all(b.startswith("vit.blocks.") for b in blocks)
     assert 0.5 <= cb.summary["achieved"] <= 0.53
     assert model(torch.zeros(2, 1, 16, 16)).shape == (2, 10)
+
+
+# ---------------------------------------------------------------- cooperating callbacks
+@pytest.mark.fit
+def test_cooperating_callbacks_end_like_one_hierarchy(tmp_path):
+    common = {"target": 0.6, "start_epoch": 0, "end_epoch": 2, "round_to": 2, "measure_latency": False}
+
+    def run(callbacks, sub):
+        pl.seed_everything(0)
+        model = TinyResNet()
+        t = trainer(tmp_path / sub, callbacks, max_epochs=4)
+        train, val = loaders()
+        t.fit(model, train, val)
+        t.save_checkpoint(tmp_path / sub / "last.ckpt")
+        return model, t
+
+    pair = [
+        BlockPruning(share=0.25, verbose=False, **common),
+        GlobalPruning(share=0.75, verbose=False, **common),
+    ]
+    one = HierarchicalPruning(
+        levels=[BlockLevel(share=0.25), GlobalLevel(share=0.75)], verbose=False, **common
+    )
+    model_a, t_a = run(pair, "pair")
+    model_b, t_b = run([one], "one")
+
+    # The same structure: blocks first, then channels, on one graph with one schedule.
+    leader, member = pair
+    assert leader.history_steps() == one.history_steps()
+    assert {h["op"] for h in one.history_steps()} == {"identity", "channels"}
+    assert {n: p.shape for n, p in model_a.named_parameters()} == {
+        n: p.shape for n, p in model_b.named_parameters()
+    }
+    assert [type(lv) for lv in leader.session.levels] == [BlockLevel, GlobalLevel]
+    assert member.event_index == leader.event_index == 3  # the member reads the leader's session
+    assert member.records == leader.records
+    # One report, with both levels in it.
+    report = read_report(t_a)
+    assert set(report["structure"]["levels"]) == {"block", "global"}
+    assert report["structure"] == read_report(t_b)["structure"]
+    # One checkpoint entry each: the leader's holds the state, the member's points at it.
+    ckpt = torch.load(tmp_path / "pair" / "last.ckpt", weights_only=True)
+    entries = {k: v for k, v in ckpt["callbacks"].items() if v.get("marker") == "lightning_hprune"}
+    assert set(entries) == {leader.state_key, member.state_key}
+    assert entries[member.state_key]["member_of"] == leader.state_key
+    assert entries[leader.state_key]["version"] == 2
+    from lightning_hprune import load_pruned
+
+    loaded = load_pruned(TinyResNet, tmp_path / "pair" / "last.ckpt")
+    assert {n: p.shape for n, p in loaded.named_parameters()} == {
+        n: p.shape for n, p in model_a.named_parameters()
+    }

@@ -17,8 +17,11 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lightning_hprune import HierarchicalPruning, RandomImportance
+from lightning_hprune import HierarchicalPruning
+from lightning_hprune.core.importance import RandomImportance
 from tests.helpers import TinyCNN, loaders
+
+pytestmark = pytest.mark.fit  # every test here runs a Trainer (or a fresh process)
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.fit  # every test here runs a Trainer (or a fresh process)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

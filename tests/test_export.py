@@ -16,6 +16,8 @@ from lightning_hprune import HierarchicalPruning, load_pruned
 from lightning_hprune.export import ExportMismatchError, export_pruned, load_exported
 from tests.helpers import TinyCNN, loaders, trainer
 
+pytestmark = pytest.mark.fit  # every test here runs a Trainer (or a fresh process)
+
 SUFFIX = {"torch.export": "pt2", "torchscript": "pt", "onnx": "onnx"}
 
 

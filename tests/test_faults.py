@@ -14,10 +14,15 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, OnExceptionCheckpoint
 
 import lightning_hprune.callbacks.base as base
-from lightning_hprune import HierarchicalPruning, PruningError, load_pruned
+import lightning_hprune.callbacks.reporting as reporting
+from lightning_hprune import HierarchicalPruning, IntegratedImportance, PruningError, load_pruned
 from lightning_hprune.checkpoint import find_pruning_state, has_structure_of
 from lightning_hprune.core.graph import PruningGraph
+from lightning_hprune.core.session import PruningSession, history_of
+from lightning_hprune.core.undo import by_value
 from tests.helpers import TinyCNN, loaders, trainer
+
+pytestmark = pytest.mark.fit  # every test here runs a Trainer (or a fresh process)
 
 
 class BeforeEvent(Callback):
@@ -37,7 +42,30 @@ class BeforeEvent(Callback):
         self.lr = [g["lr"] for g in opt.param_groups]
         self.scheduler = copy.deepcopy(trainer.lr_scheduler_configs[0].scheduler.state_dict())
         self.callback = (pruning.event_index, len(pruning.records), pruning.history_steps())
+        # The whole session by value: schedule, ledger, decisions, criterion statistics, calibration, ...
+        self.session = by_value(pruning.session.state_dict())
+        self.criterion = by_value(pruning.session.importance.state_dict())
         self.wrapper = trainer.strategy.model
+
+
+def assert_same(a: Any, b: Any, where: str = "state") -> None:
+    """Equal by value, recursively (tensors with torch.equal)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor), where
+        assert a.shape == b.shape, where
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict), where
+        assert set(a) == set(b), (where, sorted(a), sorted(b))
+        for k in a:
+            assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)), where
+        assert len(a) == len(b), (where, len(a), len(b))
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b or (a != a and b != b), (where, a, b)  # NaN == NaN here
 
 
 def assert_unchanged(
@@ -59,6 +87,9 @@ def assert_unchanged(
     assert [g["lr"] for g in opt.param_groups] == probe.lr
     assert t.lr_scheduler_configs[0].scheduler.state_dict() == probe.scheduler
     assert (cb.event_index, len(cb.records), cb.history_steps()) == probe.callback
+    assert_same(cb.session.state_dict(), probe.session, "session")
+    assert_same(cb.session.importance.state_dict(), probe.criterion, "criterion")
+    assert t.strategy.model is probe.wrapper
 
 
 def _params(model: torch.nn.Module) -> int:
@@ -84,27 +115,45 @@ def _fail_after_remap(*args: Any, **kwargs: Any) -> list[str]:
 
 
 base_remap = base.remap_optimizer
+real_plan = PruningSession.plan
+
+
+def _fail_after_planning(self: PruningSession, *args: Any, **kwargs: Any) -> Any:
+    real_plan(self, *args, **kwargs)  # the baseline and original widths really are taken...
+    raise RuntimeError("injected failure while planning")  # ...then the event fails
 
 
 def _fail_in_logging(*args: Any, **kwargs: Any) -> None:
-    raise RuntimeError("injected failure while logging the event")
+    raise RuntimeError("injected failure while logging the event")  # after the event was recorded
 
 
-@pytest.mark.parametrize("where", ["applying the plan", "re-binding the optimizer", "logging"])
+CRITERIA = {
+    "taylor": lambda: "taylor",
+    "activation": lambda: "activation",
+    "integrated": lambda: IntegratedImportance(["taylor", "activation", "l2"]),
+}
+
+
+@pytest.mark.parametrize("criterion", sorted(CRITERIA))
+@pytest.mark.parametrize("where", ["planning", "applying the plan", "re-binding the optimizer", "logging"])
 def test_failure_inside_an_event_leaves_everything_as_before(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str, criterion: str
 ) -> None:
-    if where == "applying the plan":
+    if where == "planning":
+        monkeypatch.setattr(PruningSession, "plan", _fail_after_planning)
+    elif where == "applying the plan":
         monkeypatch.setattr(
             PruningGraph, "_prune_root", _fail_on_second_call(RuntimeError("injected failure"))
         )
     elif where == "re-binding the optimizer":
         monkeypatch.setattr(base, "remap_optimizer", _fail_after_remap)
     else:
-        monkeypatch.setattr(base.PruningCallback, "_log_event", _fail_in_logging)
+        monkeypatch.setattr(reporting, "log_event", _fail_in_logging)
     model = TinyCNN(optimizer="adam", scheduler="step")
     probe = BeforeEvent()
-    cb = HierarchicalPruning(target=0.5, round_to=4, measure_latency=False, verbose=False)
+    cb = HierarchicalPruning(
+        target=0.5, round_to=4, importance=CRITERIA[criterion](), measure_latency=False, verbose=False
+    )
     t = trainer(tmp_path, [probe, cb], max_epochs=3, num_sanity_val_steps=0)
     train, val = loaders(n=64)
     with pytest.raises(PruningError, match="the pruning event at epoch 0 failed") as info:
@@ -114,6 +163,11 @@ def test_failure_inside_an_event_leaves_everything_as_before(
     assert "exactly as they were before the event" in message
     assert_unchanged(probe, t, model, cb)
     assert model.features[0].out_channels == 16
+    if criterion != "activation":  # Taylor statistics of the 2 steps of epoch 0 are still there
+        taylor = probe.criterion if criterion == "taylor" else probe.criterion["criteria"][0]
+        assert taylor["steps"] == 2
+        assert len(taylor["acc"]) == 16  # weight and bias of 3 conv, 3 BN and 2 linear layers
+    assert len(probe.session["calibration"]["batches"]) == 2  # the event epoch's batches, kept too
 
     # Training can go on: without the fault, the same model and callback prune in a new fit.
     monkeypatch.undo()
@@ -164,12 +218,12 @@ def test_keyboard_interrupt_mid_event_leaves_no_half_pruned_model(
     last = torch.load(tmp_path / "ckpt" / "epoch=0.ckpt", weights_only=True)
     assert has_structure_of(model, last["state_dict"])
     assert cb.event_index == 1
-    assert cb.history_steps() == find_pruning_state(last)["history"]
+    assert cb.history_steps() == history_of(find_pruning_state(last))
     # On disk: both the last epoch's checkpoint and the one written on the interrupt load and agree.
     interrupted = tmp_path / "ckpt" / "interrupted.ckpt"
     state = find_pruning_state(torch.load(interrupted, weights_only=True))
     assert state is not None
-    assert state["history"] == cb.history_steps()
+    assert history_of(state) == cb.history_steps()
     model.eval()
     x = torch.randn(3, 3, 8, 8)
     with torch.no_grad():
@@ -206,7 +260,7 @@ def test_exception_in_user_code_mid_pruning_leaves_last_checkpoint_loadable(tmp_
     checkpoint = torch.load(last, weights_only=True)
     state = find_pruning_state(checkpoint)
     assert state is not None
-    assert state["event_index"] == 1  # mid-pruning: after the first of two events
+    assert state["schedule"]["position"] == 1  # mid-pruning: after the first of two events
     loaded = load_pruned(TinyCNN, last)
     assert has_structure_of(loaded, checkpoint["state_dict"])
     assert _params(loaded) < _params(TinyCNN())

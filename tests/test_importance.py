@@ -228,6 +228,7 @@ class CountingCNN(TinyCNN):
         self.backward_calls += 1
 
 
+@pytest.mark.fit
 @pytest.mark.parametrize(("accumulate", "expected_steps"), [(1, 4), (2, 2)])
 def test_taylor_in_trainer_counts_optimizer_steps_without_extra_passes(
     tmp_path: Any, accumulate: int, expected_steps: int
@@ -259,6 +260,7 @@ def test_taylor_in_trainer_counts_optimizer_steps_without_extra_passes(
     assert counts["taylor"] == counts["l2"] == (4, 4)
 
 
+@pytest.mark.fit
 def test_taylor_reads_unscaled_amp_gradients(tmp_path: Any) -> None:
     accs = {}
     for name, plugins in {
@@ -546,6 +548,7 @@ def test_bad_arguments(make: Any, match: str) -> None:
 @pytest.mark.parametrize(
     "importance", ["taylor", "activation", "apoz", "activation_weighted", "bn_scale", "integrated"]
 )
+@pytest.mark.fit
 def test_each_criterion_prunes_during_fit(tmp_path: Any, importance: str) -> None:
     pl.seed_everything(0)
     crit: Any = importance

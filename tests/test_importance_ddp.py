@@ -15,12 +15,15 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from lightning_hprune import HierarchicalPruning
+from lightning_hprune import ClosedLoop, HierarchicalPruning
 from lightning_hprune.core.importance import IntegratedImportance, Reduce
 from lightning_hprune.core.levels import GlobalLevel
 from tests.helpers import TinyCNN, loaders
 
-pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+pytestmark = [
+    pytest.mark.fit,
+    pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available"),
+]
 
 
 class RecordingIntegrated(IntegratedImportance):
@@ -112,8 +115,7 @@ def run_two_processes(out: str) -> None:
         round_to=1,
         importance="random",
         monitor="val_acc",
-        max_drop=0.02,
-        max_retries=1,
+        closed_loop=ClosedLoop(max_drop=0.02, max_retries=1),
         measure_latency=False,
         verbose=False,
     )

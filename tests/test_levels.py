@@ -7,9 +7,10 @@ import torch
 import torch.nn as nn
 
 from lightning_hprune.core.cost import build_cost_model, measure_cost
-from lightning_hprune.core.engine import level_fractions, plan_steps, prune_level, removed_per_level
+from lightning_hprune.core.engine import level_fractions, plan_steps, prune_level
 from lightning_hprune.core.graph import PruningGraph
 from lightning_hprune.core.importance import Importance
+from lightning_hprune.core.ledger import EventRecord, Ledger, LevelRecord
 from lightning_hprune.core.levels import GlobalLevel, LayerLevel, UniformLevel, UnitLevel, WindowLevel
 from lightning_hprune.core.schedules import resolve_schedule
 from tests.helpers import TinyCNN
@@ -330,13 +331,28 @@ def test_plan_steps_lets_a_level_that_fell_short_catch_up():
     assert steps[1][1] == pytest.approx(70.0)  # the second already did more than its share
 
 
-def test_removed_per_level_reads_the_records():
-    records = [
-        {"levels": [{"cost_before": 100, "cost_after": 90}, {"cost_before": 90, "cost_after": 80}]},
-        {"levels": [{"cost_before": 80, "cost_after": 80}, {"cost_before": 80, "cost_after": 70}]},
-    ]
-    assert removed_per_level(records, 2) == [10.0, 20.0]
-    assert removed_per_level(records, 3) == [0.0, 0.0, 0.0]  # another composition: ignored
+def test_the_ledger_adds_up_what_each_level_removed():
+    ledger = Ledger()
+    for k, levels in enumerate([[(100, 90), (90, 80)], [(80, 80), (80, 70)]]):
+        ledger.add(
+            EventRecord(
+                event=k,
+                epoch=k,
+                step=k,
+                measured={"macs": float(levels[-1][1])},
+                target=0.0,
+                removed=0.0,
+                event_ratio=0.0,
+                seconds=0.0,
+                levels=[LevelRecord(f"l{j}", b, a, a) for j, (b, a) in enumerate(levels)],
+            )
+        )
+    assert ledger.removed_per_level(2) == [10.0, 20.0]
+    assert ledger.removed_per_level(3) == [10.0, 20.0, 0.0]  # a level that never ran owes from zero
+    restored = Ledger()
+    restored.load_state_dict(ledger.state_dict())
+    assert restored.removed_per_level(2) == [10.0, 20.0]
+    assert restored.records == ledger.records
 
 
 def test_levels_have_a_readable_repr_and_distinct_names():
@@ -354,10 +370,10 @@ def test_row_norm_helper_sets_scores():
 
 
 def test_take_cheapest_last_resort_closes_the_gap_with_the_least_overshoot():
-    from lightning_hprune.core.cost import CostModel
+    from lightning_hprune.core.cost import CostModel, MacsCost
     from lightning_hprune.core.levels import SelectionContext, take_cheapest
 
-    cost = CostModel(kind="macs", total=1e6, per_channel={"big": 1000.0, "small": 10.0, "mid": 100.0})
+    cost = CostModel(cost=MacsCost(), total=1e6, per_channel={"big": 1000.0, "small": 10.0, "mid": 100.0})
     candidates = [(0.1, "big", [0, 1]), (0.2, "mid", [0, 1]), (0.3, "small", [0, 1]), (0.4, "small", [2, 3])]
     ctx = SelectionContext(groups=(), scores={}, cost=cost, original_size={})
     # A gap of 150: the lowest-score chunk (big: 2000) would overshoot by far more than it closes.
@@ -369,8 +385,32 @@ def test_take_cheapest_last_resort_closes_the_gap_with_the_least_overshoot():
     ctx = SelectionContext(groups=(), scores={}, cost=cost, original_size={})
     assert take_cheapest(candidates[:1] + candidates[2:], ctx, 150.0) == {"small": [0, 1, 2, 3]}  # 40 < 150
     ctx.info.clear()
-    ctx.info["at_least"] = True
+    ctx.at_least = True
     # The minimum must be reached: the cheapest next chunk that closes the rest (big), not more.
     got = take_cheapest(candidates[:1] + candidates[2:], ctx, 150.0)
     assert got == {"small": [0, 1, 2, 3], "big": [0, 1]}
     assert ctx.info["predicted"] >= 150.0
+
+
+def test_the_writing_a_level_example_of_the_docs_runs():
+    """`docs/levels.md`, "Writing a level": the example level, verbatim, removes one aligned unit per group."""
+    from lightning_hprune.core.levels import ChannelLevel, lowest, min_keep
+
+    class OneEach(ChannelLevel):
+        name = "one_each"
+        rounds = 1  # one selection per event
+
+        def select(self, ctx, budget):
+            out = {}
+            for g in ctx.groups:
+                floor = min_keep(ctx.original_size[g.name], g.size, self.max_layer_ratio, ctx.align(g))
+                if g.size - ctx.align(g) >= floor:
+                    out[g.name] = lowest(ctx.scores[g.name], ctx.align(g))
+            return out
+
+    _model, graph = make()
+    before = widths(graph)
+    record = run(graph, OneEach(), target_cost=0.0, round_to=8)
+    assert record.rounds == 1
+    assert widths(graph) == {k: v - 8 for k, v in before.items()}
+    assert record.removed == dict.fromkeys(before, 8)

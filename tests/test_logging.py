@@ -9,6 +9,8 @@ import pytest
 from lightning_hprune import HierarchicalPruning
 from tests.helpers import TinyCNN, loaders, trainer
 
+pytestmark = pytest.mark.fit  # every test here runs a Trainer (or a fresh process)
+
 
 def _read_csv(path):
     with open(path) as f:

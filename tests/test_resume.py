@@ -24,6 +24,8 @@ from lightning_hprune.checkpoint import find_pruning_state
 from lightning_hprune.core.importance import Importance, IntegratedImportance, MagnitudeImportance
 from tests.helpers import TinyCNN, random_images, trainer
 
+pytestmark = pytest.mark.fit  # every test here runs a Trainer (or a fresh process)
+
 MAX_EPOCHS = 5  # events at the ends of epochs 0, 1 and 2; epochs 3 and 4 recover
 RESUME_EPOCH = 1  # a checkpoint after the second of three events
 
@@ -141,11 +143,11 @@ def test_resume_mid_pruning_matches_uninterrupted_run(tmp_path: Path, variant: s
     state = find_pruning_state(checkpoint)
     assert state is not None
     if on_train_end:
-        assert state["event_index"] == 2  # mid-pruning: two of three events done
-        assert state["calibration"] == []  # cleared by the event
+        assert state["schedule"]["position"] == 2  # mid-pruning: two of three events done
+        assert state["calibration"]["batches"] == []  # cleared by the event
     else:
-        assert state["event_index"] == 1  # the second event runs on resume
-        assert len(state["calibration"]) == 4  # the last batches of the event epoch travel along
+        assert state["schedule"]["position"] == 1  # the second event runs on resume
+        assert len(state["calibration"]["batches"]) == 4  # the last batches of the event epoch travel along
         taylor = state["importance"]["criteria"][0]
         assert taylor["steps"] == 4
         assert taylor["acc"]
@@ -154,8 +156,8 @@ def test_resume_mid_pruning_matches_uninterrupted_run(tmp_path: Path, variant: s
 
     # The structure was rebuilt before training restarted, with the optimizer state matching it.
     probe = resumed["probe"]
-    assert probe.event_index == state["event_index"]
-    assert probe.records == state["event_index"]
+    assert probe.event_index == state["schedule"]["position"]
+    assert probe.records == state["schedule"]["position"]
     assert probe.opt_params_are_live
     assert probe.moment_shapes_match
     assert probe.params_with_state == len(probe.shapes)  # Adam moments restored for every parameter
@@ -185,3 +187,37 @@ def test_resume_mid_pruning_matches_uninterrupted_run(tmp_path: Path, variant: s
     sched_b = resumed["trainer"].lr_scheduler_configs[0].scheduler.state_dict()
     assert sched_b == sched_a
     assert opt_b.param_groups[0]["lr"] == pytest.approx(0.01 * 0.5**MAX_EPOCHS)
+
+
+def test_training_in_chunks_continues_the_schedule(tmp_path: Path) -> None:
+    """`max_epochs=2`, then `fit(ckpt_path=...)` with `max_epochs=6`: the schedule goes on to its target."""
+
+    def callback() -> HierarchicalPruning:
+        return HierarchicalPruning(
+            target=0.5, start_epoch=0, end_epoch=3, round_to=4, measure_latency=False, verbose=False
+        )
+
+    pl.seed_everything(0)
+    first = callback()
+    checkpoints = ModelCheckpoint(
+        dirpath=str(tmp_path / "ckpt"), save_last=True, save_on_train_epoch_end=True
+    )
+    t = trainer(
+        tmp_path, [first, checkpoints], max_epochs=2, enable_checkpointing=True, num_sanity_val_steps=0
+    )
+    train = DataLoader(random_images(64, seed=0), batch_size=32)
+    val = DataLoader(random_images(32, seed=1), batch_size=32)
+    with pytest.warns(UserWarning, match=r"2 of 4 events run in this fit"):
+        t.fit(TinyCNN(), train, val)
+    assert first.event_index == 2
+    assert first.records[-1]["removed"] < 0.5 - 0.05  # half-way through the schedule
+
+    second = callback()
+    t2 = trainer(tmp_path / "more", [second], max_epochs=6, num_sanity_val_steps=0)
+    model = TinyCNN()
+    t2.fit(model, train, val, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert second.event_index == 4
+    assert [r["epoch"] for r in second.records] == [0, 1, 2, 3]
+    assert second.history_steps()[: len(first.history_steps())] == first.history_steps()
+    assert second.summary["achieved"] >= 0.5 - 0.002
+    assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in TinyCNN().parameters())

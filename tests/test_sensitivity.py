@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-import lightning_hprune.callbacks.base as base_module
+import lightning_hprune.core.session as session_module
 from lightning_hprune import HierarchicalPruning
 from lightning_hprune.core.graph import PruningGraph
 from lightning_hprune.core.levels import LayerLevel
@@ -144,17 +144,18 @@ def test_analysis_config_validation() -> None:
     assert SensitivityAnalysis(metric="loss").mode == "min"
 
 
+@pytest.mark.fit
 def test_callback_runs_the_analysis_once_and_reuses_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[int] = []
-    real = base_module.measure_sensitivity
+    real = session_module.measure_sensitivity
 
     def counting(*args: Any, **kwargs: Any) -> dict[str, float]:
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(base_module, "measure_sensitivity", counting)
+    monkeypatch.setattr(session_module, "measure_sensitivity", counting)
 
     def callback() -> HierarchicalPruning:
         return HierarchicalPruning(
@@ -181,11 +182,19 @@ def test_callback_runs_the_analysis_once_and_reuses_it(
     tr.fit(model, train, val)
     assert len(cb.records) == 2  # events at epochs 0 and 1; the one at epoch 2 is left for the resume
     assert len(calls) == 1
-    assert cb.sensitivity_drops is not None
-    assert set(cb.sensitivity_drops) == set(cb.original_size)
-    assert cb.levels[0].sensitivity == cb.sensitivity_drops
+    drops = cb.session.sensitivity_drops
+    assert drops is not None
+    assert set(drops) == set(cb.session.ledger.original_groups)
+    assert cb.levels[0].wants_sensitivity  # the level has no mapping of its own: it took the analysis'
+    # ... so the least sensitive layer lost at least as large a share of its width as the most sensitive one
+    finite = {k: v for k, v in drops.items() if v != float("inf")}
+    low, high = min(finite, key=finite.get), max(finite, key=finite.get)
+    widths = {g.name: g.size for g in cb.session.graph.groups()}
+    original = cb.session.ledger.original_widths
+    if finite[low] < finite[high]:
+        assert 1 - widths[low] / original[low] >= 1 - widths[high] / original[high]
     cache = tmp_path / "logs" / "run" / "hprune_sensitivity.json"
-    assert json.loads(cache.read_text())["drops"] == pytest.approx(cb.sensitivity_drops)
+    assert json.loads(cache.read_text())["drops"] == pytest.approx(drops)
 
     # Resuming from a checkpoint: the analysis comes back with the callback's state, no new measurement.
     ckpt = tmp_path / "mid.ckpt"
@@ -195,7 +204,7 @@ def test_callback_runs_the_analysis_once_and_reuses_it(
     tr2.fit(TinyCNN(), train, val, ckpt_path=str(ckpt))
     assert len(resumed.records) == 3  # the last event ran after the resume ...
     assert len(calls) == 1  # ... with the checkpointed analysis
-    assert resumed.levels[0].sensitivity == pytest.approx(cb.sensitivity_drops)
+    assert resumed.session.sensitivity_drops == pytest.approx(drops)
     assert resumed.records[-1]["removed"] == pytest.approx(0.4, abs=0.05)
 
     # A new run logging to the same directory reuses the JSON cache.
@@ -203,9 +212,10 @@ def test_callback_runs_the_analysis_once_and_reuses_it(
     again = callback()
     trainer(tmp_path, [again, StopAfterEpoch1()], max_epochs=4, logger=logger).fit(TinyCNN(), train, val)
     assert len(calls) == 1
-    assert again.sensitivity_drops == pytest.approx(cb.sensitivity_drops)
+    assert again.session.sensitivity_drops == pytest.approx(drops)
 
 
+@pytest.mark.fit
 def test_callback_analysis_needs_validation_batches(tmp_path: Path) -> None:
     cb = HierarchicalPruning(
         target=0.3,

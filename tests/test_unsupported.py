@@ -18,7 +18,10 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch._dynamo.testing import CompileCounter
 
 from lightning_hprune import HierarchicalPruning, PruningError
+from lightning_hprune.core.session import history_of
 from tests.helpers import TinyCNN, loaders, trainer
+
+pytestmark = pytest.mark.fit  # every test here runs a Trainer (or a fresh process)
 
 
 def _cb(**kwargs: Any) -> HierarchicalPruning:
@@ -289,9 +292,9 @@ def test_callback_pickles_and_copies_with_a_pruned_model(tmp_path: Path) -> None
     t.fit(model, train, val)
     model_copy, cb_copy = copy.deepcopy((model, cb))
     shapes = {n: p.shape for n, p in model_copy.named_parameters()}
-    assert cb_copy.state_dict()["history"] == cb.history_steps()
+    assert history_of(cb_copy.state_dict()) == cb.history_steps()
     # The copy's graph is rebuilt around the already pruned copy: recorded, not pruned a second time.
-    graph = cb_copy._ensure_graph(model_copy)
+    graph = cb_copy.session.attach(model_copy)
     assert graph.history == cb.history_steps()
     assert {n: p.shape for n, p in model_copy.named_parameters()} == shapes
 

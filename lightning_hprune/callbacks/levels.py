@@ -1,10 +1,12 @@
 """One callback per level of the hierarchy: each prunes with a single level and shares the whole lifecycle.
 
 ``BlockPruning``, ``GlobalPruning``, ``LayerPruning``, ``UnitPruning`` and ``WindowPruning`` take the
-level's own arguments plus every argument of :class:`~lightning_hprune.callbacks.base.PruningCallback`
-(``target``, ``cost``, ``schedule``, ``start_epoch``, ...). Only one pruning callback may be attached to a
-Trainer; to combine levels, compose them in :class:`~lightning_hprune.HierarchicalPruning`, e.g.
-``HierarchicalPruning(levels=[BlockLevel(), GlobalLevel()])``.
+level's own arguments (and its ``share``) plus every argument of
+:class:`~lightning_hprune.callbacks.base.PruningCallback` (``target``, ``cost``, ``schedule``,
+``start_epoch``, ...). Several of them on one Trainer cooperate: they compose into one hierarchy, coarse to
+fine in the order they are listed, with one graph, one schedule and one report, exactly as
+``HierarchicalPruning(levels=[...])`` with the same levels; settings they disagree on are refused in
+``setup``.
 """
 
 from __future__ import annotations
@@ -18,13 +20,17 @@ from lightning_hprune.core.levels import GlobalLevel, LayerLevel, Level, UnitLev
 
 
 class _SingleLevelPruning(PruningCallback):
-    """A pruning callback whose every event runs one level."""
+    """A pruning callback whose every event runs one level (composable with other pruning callbacks)."""
 
-    level: Level
+    @property
+    def level(self) -> Level:
+        """The callback's level."""
+        return self.levels[0]
 
-    def levels_for_event(self) -> list[Level]:
-        """The callback's single level."""
-        return [self.level]
+    @property
+    def state_key(self) -> str:
+        """Two callbacks of one class (with different levels) can coexist on a Trainer."""
+        return self._generate_state_key(target=self.target, cost=self.cost, level=repr(self.level))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(target={self.target!r}, cost={self.cost!r}, level={self.level!r})"
@@ -42,6 +48,7 @@ class BlockPruning(_SingleLevelPruning):
             (see :func:`~lightning_hprune.core.blocks.block_scores`).
         patterns: module-name globs of the candidate blocks (default: found automatically).
         max_score: never remove a block scoring above this.
+        share: the level's share of the target when several pruning callbacks cooperate.
         **kwargs: arguments of :class:`~lightning_hprune.callbacks.base.PruningCallback`.
 
     """
@@ -52,10 +59,17 @@ class BlockPruning(_SingleLevelPruning):
         metric: str = "relative",
         patterns: Sequence[str] | None = None,
         max_score: float | None = None,
+        share: float = 1.0,
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
-        self.level = BlockLevel(max_blocks=max_blocks, metric=metric, patterns=patterns, max_score=max_score)
+        super().__init__(
+            levels=[
+                BlockLevel(
+                    max_blocks=max_blocks, metric=metric, patterns=patterns, max_score=max_score, share=share
+                )
+            ],
+            **kwargs,
+        )
 
 
 class GlobalPruning(_SingleLevelPruning):
@@ -63,13 +77,13 @@ class GlobalPruning(_SingleLevelPruning):
 
     Args:
         max_layer_ratio: no layer loses more than this fraction of its original width.
+        share: the level's share of the target when several pruning callbacks cooperate.
         **kwargs: arguments of :class:`~lightning_hprune.callbacks.base.PruningCallback`.
 
     """
 
-    def __init__(self, max_layer_ratio: float = 0.8, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.level = GlobalLevel(max_layer_ratio=max_layer_ratio)
+    def __init__(self, max_layer_ratio: float = 0.8, share: float = 1.0, **kwargs: Any) -> None:
+        super().__init__(levels=[GlobalLevel(max_layer_ratio=max_layer_ratio, share=share)], **kwargs)
 
 
 class LayerPruning(_SingleLevelPruning):
@@ -81,6 +95,7 @@ class LayerPruning(_SingleLevelPruning):
         ratios: module-name pattern -> fraction of the layer's original width to remove.
         sensitivity: module-name pattern -> sensitivity (less sensitive layers lose more).
         max_layer_ratio: no layer loses more than this fraction of its original width.
+        share: the level's share of the target when several pruning callbacks cooperate.
         **kwargs: arguments of :class:`~lightning_hprune.callbacks.base.PruningCallback`.
 
     """
@@ -90,10 +105,17 @@ class LayerPruning(_SingleLevelPruning):
         ratios: Mapping[str, float] | None = None,
         sensitivity: Mapping[str, float] | None = None,
         max_layer_ratio: float = 0.8,
+        share: float = 1.0,
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
-        self.level = LayerLevel(ratios=ratios, sensitivity=sensitivity, max_layer_ratio=max_layer_ratio)
+        super().__init__(
+            levels=[
+                LayerLevel(
+                    ratios=ratios, sensitivity=sensitivity, max_layer_ratio=max_layer_ratio, share=share
+                )
+            ],
+            **kwargs,
+        )
 
 
 class UnitPruning(_SingleLevelPruning):
@@ -105,15 +127,27 @@ class UnitPruning(_SingleLevelPruning):
         threshold: the threshold (> 0).
         reference: ``"absolute"``, ``"max"`` or ``"mean"``.
         max_layer_ratio: no layer loses more than this fraction of its original width.
+        share: the level's share of the target when several pruning callbacks cooperate.
         **kwargs: arguments of :class:`~lightning_hprune.callbacks.base.PruningCallback`.
 
     """
 
     def __init__(
-        self, threshold: float = 0.5, reference: str = "mean", max_layer_ratio: float = 0.8, **kwargs: Any
+        self,
+        threshold: float = 0.5,
+        reference: str = "mean",
+        max_layer_ratio: float = 0.8,
+        share: float = 1.0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
-        self.level = UnitLevel(threshold=threshold, reference=reference, max_layer_ratio=max_layer_ratio)
+        super().__init__(
+            levels=[
+                UnitLevel(
+                    threshold=threshold, reference=reference, max_layer_ratio=max_layer_ratio, share=share
+                )
+            ],
+            **kwargs,
+        )
 
 
 class WindowPruning(_SingleLevelPruning):
@@ -125,12 +159,24 @@ class WindowPruning(_SingleLevelPruning):
         window_size: units per window; kept widths are multiples of ``lcm(window_size, round_to)``.
         reduce: window score from its units' scores, ``"mean"``, ``"sum"`` or ``"max"``.
         max_layer_ratio: no layer loses more than this fraction of its original width.
+        share: the level's share of the target when several pruning callbacks cooperate.
         **kwargs: arguments of :class:`~lightning_hprune.callbacks.base.PruningCallback`.
 
     """
 
     def __init__(
-        self, window_size: int = 8, reduce: str = "mean", max_layer_ratio: float = 0.8, **kwargs: Any
+        self,
+        window_size: int = 8,
+        reduce: str = "mean",
+        max_layer_ratio: float = 0.8,
+        share: float = 1.0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
-        self.level = WindowLevel(window_size=window_size, reduce=reduce, max_layer_ratio=max_layer_ratio)
+        super().__init__(
+            levels=[
+                WindowLevel(
+                    window_size=window_size, reduce=reduce, max_layer_ratio=max_layer_ratio, share=share
+                )
+            ],
+            **kwargs,
+        )

@@ -1,8 +1,8 @@
-"""What a :class:`~lightning_hprune.callbacks.base.PruningCallback` logs and reports.
+"""What the pruning callbacks log and report, read from a session (nothing here changes any state).
 
-Each event appends a record to ``callback.records`` and logs its ``hprune/...`` metrics; at the end of fit
-a summary (before/after, the structure, the events) is logged, kept as ``callback.summary`` and written to
-``hprune_report.json`` (and ``hprune_curves.png`` when matplotlib is installed) by rank 0.
+Each event's record is logged as ``hprune/...`` metrics to every logger; at the end of fit a summary
+(before/after, the structure, the events) is logged and written to ``hprune_report.json`` (and
+``hprune_curves.png`` when matplotlib is installed) by rank 0.
 """
 
 from __future__ import annotations
@@ -11,202 +11,207 @@ import importlib.util
 import json
 import math
 import os
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import Any
 
 import lightning.pytorch as pl
+import torch.nn as nn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from lightning_hprune.core.engine import EventResult, level_names
-
-if TYPE_CHECKING:
-    from lightning_hprune.callbacks.base import PruningCallback
+from lightning_hprune.core.ledger import EventRecord
+from lightning_hprune.core.session import PruningSession
 
 
-def log_event(
-    callback: PruningCallback,
-    trainer: pl.Trainer,
-    pl_module: pl.LightningModule,
-    k: int,
-    fraction: float,
-    metric: float | None,
-    result: EventResult,
-) -> None:
-    """Measure the pruned module, append the event's record to ``callback.records`` and log it.
+def log_event(trainer: pl.Trainer, session: PruningSession, record: EventRecord, verbose: bool) -> None:
+    """Log one event's record to every logger and, with ``verbose``, print its line (rank 0).
 
     Args:
-        callback: The pruning callback.
         trainer: The Trainer whose loggers receive the ``hprune/...`` metrics.
-        pl_module: The module just pruned.
-        k: The index of the event.
-        fraction: The cumulative fraction of the cost the event aimed at.
-        metric: The monitored metric before the event, or None.
-        result: What the event did, level by level.
+        session: The pruning session that ran the event.
+        record: The event's record.
+        verbose: Print one line.
 
     """
-    after = callback._measure(pl_module)
-    cost = callback.cost
-    dense = callback.baseline[f"dense_{cost}"]
-    prev_cost = callback.records[-1][cost] if callback.records else dense
-    record: dict[str, Any] = {
-        "event": k,
-        "epoch": trainer.current_epoch,
-        "step": trainer.global_step,
-        **after,
-        "target": fraction,
-        "removed": 1.0 - after[cost] / dense,
-        "event_ratio": 1.0 - after[cost] / prev_cost if prev_cost else 0.0,
-        "event_time_s": result.seconds,
-        "levels": [
-            {
-                "level": name,
-                "removed": dict(r.removed),
-                "blocks": list(r.blocks),
-                "cost_before": r.cost_before,
-                "cost_after": r.cost_after,
-                "target_cost": r.target_cost,
-            }
-            for name, r in zip(level_names(result.levels), result.levels, strict=True)
-        ],
-    }
-    if metric is not None:
-        record[callback.monitor or "metric"] = metric
-        base = callback.baseline.get("metric")
-        record["retained"] = metric / base if base else math.nan
-    callback.records.append(record)
-    metrics = {f"hprune/{key}": float(v) for key, v in record.items() if isinstance(v, (int, float))}
+    monitor, cost = session.monitor, session.cost.name
+    flat = record.as_dict(monitor)
+    metrics = {f"hprune/{key}": float(v) for key, v in flat.items() if isinstance(v, (int, float))}
     # One namespace per level (a repeated level class gets a numeric suffix: global, global_1, ...).
-    for name, r in zip(level_names(result.levels), result.levels, strict=True):
-        metrics[f"hprune/{name}/channels_removed"] = float(sum(r.removed.values()))
-        metrics[f"hprune/{name}/blocks_removed"] = float(len(r.blocks))
-        metrics[f"hprune/{name}/{cost}_removed"] = float(r.cost_before - r.cost_after)
-        metrics[f"hprune/{name}/{cost}_after"] = float(r.cost_after)
-    if metric is not None and callback.monitor:
-        metrics[f"hprune/{callback.monitor}"] = metric
-        metrics[f"hprune/retained_{callback.monitor}"] = record["retained"]
+    for lv in record.levels:
+        metrics[f"hprune/{lv.level}/channels_removed"] = float(sum(lv.removed.values()))
+        metrics[f"hprune/{lv.level}/blocks_removed"] = float(len(lv.blocks))
+        metrics[f"hprune/{lv.level}/{cost}_removed"] = float(lv.saved)
+        metrics[f"hprune/{lv.level}/{cost}_after"] = float(lv.cost_after)
+    if record.metric is not None and monitor:
+        metrics[f"hprune/{monitor}"] = record.metric
+        metrics[f"hprune/retained_{monitor}"] = float(flat["retained"])
         metrics.pop("hprune/retained", None)
     for logger in trainer.loggers:
         logger.log_metrics(metrics, step=trainer.global_step)
-    if callback.verbose:
+    if verbose:
+        m = record.measured
         rank_zero_info(
-            f"[hprune] event {k + 1}/{callback.num_events} at epoch {trainer.current_epoch}: removed "
-            f"{record['removed']:.1%} of {cost} (target so far {fraction:.1%}; final target "
-            f"{callback.target:.1%}); params {int(after['params']):,}, MACs {int(after['macs']):,}"
-            + (f", {callback.monitor}={metric:.4f}" if metric is not None else "")
-            + f" [{result.seconds:.2f}s]"
+            f"[hprune] event {record.event + 1}/{session.schedule.num_events} at epoch {record.epoch}: removed "
+            f"{record.removed:.1%} of {cost} (target so far {record.target:.1%}; final target "
+            f"{session.target:.1%}); params {int(m['params']):,}, MACs {int(m['macs']):,}"
+            + (f", {monitor}={record.metric:.4f}" if record.metric is not None else "")
+            + f" [{record.seconds:.2f}s]"
         )
 
 
-def finish(callback: PruningCallback, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-    """Summarise the fit: log the final metrics, set ``callback.summary`` and write the report (rank 0).
-
-    Does nothing when no event ran. Every rank must call it (``trainer.log_dir`` broadcasts under DDP).
+def log_decision(
+    trainer: pl.Trainer, session: PruningSession, entry: Mapping[str, Any], verbose: bool
+) -> None:
+    """Log a decision as ``hprune/decision`` (and ``hprune/rate``, ``hprune/drop``); print it when it matters.
 
     Args:
-        callback: The pruning callback.
-        trainer: The Trainer at the end of fit.
-        pl_module: The pruned module.
+        trainer: The Trainer whose loggers receive the metrics.
+        session: The pruning session.
+        entry: The decision-log entry.
+        verbose: Print routine decisions too (in closed loop).
 
     """
-    if not callback.records:
-        return
-    final = callback._measure(pl_module)
-    cost = callback.cost
-    dense = callback.baseline[f"dense_{cost}"]
+    metrics = {"hprune/decision": float(entry["code"]), "hprune/rate": float(entry["rate"])}
+    drop = entry.get("drop")
+    if isinstance(drop, float) and math.isfinite(drop):
+        metrics["hprune/drop"] = drop
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=trainer.global_step)
+    # The event line already says what was pruned: a routine decision is printed only in closed loop.
+    action = entry["action"]
+    if action in ("roll_back", "stop", "speed_up") or (verbose and session.loop is not None):
+        rank_zero_info(f"[hprune] decision at epoch {entry['epoch']}: {action} - {entry['reason']}")
+
+
+def summarize(
+    session: PruningSession, final: Mapping[str, float], metric: float | None, model: nn.Module
+) -> dict[str, Any]:
+    """The end-of-fit summary: target, achieved, before/after, the structure and every event, as plain data."""
+    cost = session.cost.name
+    ledger = session.ledger
     summary: dict[str, Any] = {
-        "target": callback.target,
+        "target": session.target,
         "cost": cost,
-        "achieved": 1.0 - final[cost] / dense,
-        "events": callback.event_index,
-        "before": {k[len("dense_") :]: v for k, v in callback.baseline.items() if k.startswith("dense_")},
-        "after": final,
+        "achieved": 1.0 - final[cost] / ledger.dense(cost),
+        "events": session.schedule.position,
+        "before": {k[len("dense_") :]: v for k, v in ledger.baseline.items() if k.startswith("dense_")},
+        "after": dict(final),
     }
+    if session.monitor is not None and metric is not None:
+        summary["before"][session.monitor] = ledger.baseline.get("metric")
+        summary["after"][session.monitor] = metric
+    summary["structure"] = structure(session, model)
+    summary["events_log"] = [r.as_dict(session.monitor) for r in ledger.records]
+    summary["decisions"] = [dict(d) for d in session.decisions.entries]
+    return summary
+
+
+def finish(
+    trainer: pl.Trainer, session: PruningSession, model: nn.Module, verbose: bool
+) -> tuple[dict[str, Any], str] | None:
+    """Summarise the fit: log the final metrics and write the report (rank 0).
+
+    Every rank must call it (``trainer.log_dir`` broadcasts under DDP).
+
+    Returns:
+        ``(summary, before/after table)``, or ``None`` when no event ran.
+
+    """
+    if not session.ledger.records:
+        return None
+    final = session.measure(model)
+    monitor = session.monitor
+    value = None
+    if monitor is not None and monitor in trainer.callback_metrics:
+        value = float(trainer.callback_metrics[monitor])
+    summary = summarize(session, final, value, model)
     metrics = {
         "hprune/final_params": final["params"],
         "hprune/final_macs": final["macs"],
         "hprune/final_removed": summary["achieved"],
     }
-    monitor = callback.monitor
-    if monitor is not None and monitor in trainer.callback_metrics:
-        value = float(trainer.callback_metrics[monitor])
-        summary["before"][monitor] = callback.baseline.get("metric")
-        summary["after"][monitor] = value
+    if value is not None and monitor is not None:
         metrics[f"hprune/final_{monitor}"] = value
-        if callback.baseline.get("metric"):
-            metrics[f"hprune/final_retained_{monitor}"] = value / callback.baseline["metric"]
-    if abs(summary["achieved"] - callback.target) > 0.02:
+        base = session.ledger.baseline.get("metric")
+        if base:
+            metrics[f"hprune/final_retained_{monitor}"] = value / base
+    if session.schedule.finished and abs(summary["achieved"] - session.target) > 0.02:
         rank_zero_warn(
-            f"{type(callback).__name__} removed {summary['achieved']:.1%} of {cost}, more than 2 points "
-            f"from the target {callback.target:.1%}: with round_to={callback.round_to} the model's layers are too "
-            "narrow (or too capped) for a finer step. Use a smaller `round_to` or a larger `max_layer_ratio`."
+            f"Pruning removed {summary['achieved']:.1%} of {session.cost.name}, more than 2 points from the "
+            f"target {session.target:.1%}: with round_to={session.round_to} the model's layers are too narrow "
+            "(or too capped) for a finer step. Use a smaller `round_to` or a larger `max_layer_ratio`."
         )
-    summary["structure"] = structure(callback, pl_module)
-    summary["events_log"] = callback.records
     for logger in trainer.loggers:
         logger.log_metrics(metrics, step=trainer.global_step)
     # `trainer.log_dir` broadcasts under DDP: every rank asks, or rank 0 waits forever.
     log_dir = trainer.log_dir or trainer.default_root_dir
+    table = before_after_table(summary, monitor)
     if trainer.is_global_zero:
-        write_report(callback, trainer, summary, log_dir)
-    callback.summary = summary
+        path = write_report(summary, log_dir)
+        if verbose:
+            rank_zero_info(
+                f"[hprune] removed {summary['achieved']:.1%} of {session.cost.name} (target "
+                f"{session.target:.1%}) in {summary['events']} events; report: {path}\n{table}"
+            )
+    return summary, table
 
 
-def structure(callback: PruningCallback, pl_module: pl.LightningModule) -> dict[str, Any]:
-    """The report's ``"structure"``: every group's width before and after, removed modules, per-level totals.
-
-    Args:
-        callback: The pruning callback.
-        pl_module: The pruned module.
-
-    Returns:
-        ``{"widths": ..., "removed_modules": ..., "levels": ...}``, plain data.
-
-    """
-    groups = callback._graph.groups() if callback._graph is not None else []
-    now = {g.name: g.size for g in groups}
+def structure(session: PruningSession, model: nn.Module) -> dict[str, Any]:
+    """The report's ``"structure"``: every group's width before and after, removed modules, per-level totals."""
+    graph = session.graph
+    groups = graph.groups() if graph is not None and graph.model is model else []
+    history = session.ledger.history
+    now: dict[str, int] = {}
+    for g in groups:
+        for name in (g.name, *g.outputs):
+            now.setdefault(name, g.size)
     heads = {g.name for g in groups if g.kind == "heads"}
-    heads.update(str(h["module"]) for h in callback.history_steps() if h.get("op") == "heads")
-    removed = [str(h["module"]) for h in callback.history_steps() if h.get("op") == "identity"]
+    heads.update(str(h["module"]) for h in history if h.get("op") == "heads")
+    removed = session.ledger.removed_modules()
     widths: dict[str, dict[str, Any]] = {}
-    for n, before in callback.original_size.items():
-        entry: dict[str, Any] = {"before": before, "after": now.get(n)}
+    for n in session.ledger.original_groups:
+        gone = next((b for b in removed if n == b or n.startswith(f"{b}.")), None)
+        entry: dict[str, Any] = {
+            "before": session.ledger.original_widths.get(n),
+            "after": None if gone else now.get(n),
+        }
         if n in heads:
             entry["unit"] = "heads"
-        gone = next((b for b in removed if n == b or n.startswith(f"{b}.")), None)
         if gone is not None:
             entry["removed_with"] = gone
         widths[n] = entry
+    cost = session.cost.name
     per_level: dict[str, dict[str, Any]] = {}
-    for record in callback.records:
-        for entry in record.get("levels", []):
+    for record in session.ledger.records:
+        for lv in record.levels:
             agg = per_level.setdefault(
-                entry["level"],
-                {
-                    "channels_removed": 0,
-                    "heads_removed": 0,
-                    "blocks_removed": [],
-                    f"{callback.cost}_removed": 0.0,
-                },
+                lv.level,
+                {"channels_removed": 0, "heads_removed": 0, "blocks_removed": [], f"{cost}_removed": 0.0},
             )
-            for name, count in entry.get("removed", {}).items():
+            for name, count in lv.removed.items():
                 agg["heads_removed" if name in heads else "channels_removed"] += int(count)
-            agg["blocks_removed"].extend(entry.get("blocks", []))
-            agg[f"{callback.cost}_removed"] += float(entry["cost_before"]) - float(entry["cost_after"])
+            agg["blocks_removed"].extend(lv.blocks)
+            agg[f"{cost}_removed"] += lv.saved
     return {"widths": widths, "removed_modules": removed, "levels": per_level}
 
 
-def write_report(
-    callback: PruningCallback, trainer: pl.Trainer, summary: dict[str, Any], log_dir: str | None = None
-) -> None:
-    """Write ``hprune_report.json`` (and the curves), print the before/after table, set ``callback.report_table``.
+def before_after_table(summary: Mapping[str, Any], monitor: str | None) -> str:
+    """The before/after table printed at the end of fit."""
+    before, after = summary["before"], summary["after"]
+    rows = [("params", "{:,.0f}"), ("macs", "{:,.0f}"), ("latency_ms", "{:.3f}")]
+    if monitor:
+        rows.append((monitor, "{:.4f}"))
+    lines = [f"{'':<14}{'before':>16}{'after':>16}{'ratio':>10}"]
+    for key, fmt in rows:
+        b, a = before.get(key), after.get(key)
+        if b is None or a is None:
+            continue
+        ratio = a / b if b else math.nan
+        lines.append(f"{key:<14}{fmt.format(b):>16}{fmt.format(a):>16}{ratio:>10.3f}")
+    return "\n".join(lines)
 
-    Args:
-        callback: The pruning callback.
-        trainer: The Trainer (its log directory is the default place).
-        summary: The summary built by :func:`finish`.
-        log_dir: Where to write; defaults to the Trainer's log directory.
 
-    """
-    log_dir = log_dir or trainer.log_dir or trainer.default_root_dir
+def write_report(summary: Mapping[str, Any], log_dir: str) -> str:
+    """Write ``hprune_report.json`` (and ``hprune_curves.png`` with matplotlib) into ``log_dir``; return the JSON path."""
     os.makedirs(log_dir, exist_ok=True)
     path = os.path.join(log_dir, "hprune_report.json")
     with open(path, "w") as f:
@@ -215,21 +220,4 @@ def write_report(
         from lightning_hprune.report import plot_report
 
         plot_report(summary, os.path.join(log_dir, "hprune_curves.png"))
-    before, after = summary["before"], summary["after"]
-    rows = [("params", "{:,.0f}"), ("macs", "{:,.0f}"), ("latency_ms", "{:.3f}")]
-    if callback.monitor:
-        rows.append((callback.monitor, "{:.4f}"))
-    lines = [f"{'':<14}{'before':>16}{'after':>16}{'ratio':>10}"]
-    for key, fmt in rows:
-        b, a = before.get(key), after.get(key)
-        if b is None or a is None:
-            continue
-        ratio = a / b if b else math.nan
-        lines.append(f"{key:<14}{fmt.format(b):>16}{fmt.format(a):>16}{ratio:>10.3f}")
-    text = "\n".join(lines)
-    if callback.verbose:
-        rank_zero_info(
-            f"[hprune] removed {summary['achieved']:.1%} of {callback.cost} (target {callback.target:.1%}) in "
-            f"{summary['events']} events; report: {path}\n{text}"
-        )
-    callback.report_table = text
+    return path

@@ -1,4 +1,4 @@
-"""Safety around a pruning event: undo everything on failure, say where it failed, keep compiled code valid."""
+"""Safety around a pruning event: say where a forward failed, run compiled code eagerly, keep it valid after."""
 
 from __future__ import annotations
 
@@ -7,12 +7,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 import torch.nn as nn
-from lightning.pytorch.callbacks import Callback
-
-from lightning_hprune.core.graph import ModuleSnapshot
 
 
 def weight_averaging_types() -> tuple[type, ...]:
@@ -121,51 +117,3 @@ def recompile(pl_module: nn.Module) -> None:
         return
     for code in compiled_codes(pl_module):
         reset_code(code)
-
-
-class EventTransaction:
-    """Everything a pruning event may change, kept by reference (no copy of any weight), to undo it exactly.
-
-    The model's modules (parameters, buffers, children, attributes), the optimizers' parameter lists and
-    per-parameter state, the strategy's (DDP) wrapper, the pruning graph's history and the callback's own
-    attributes. LR schedulers hold only the optimizer (an unchanged object) and their own counters, which an
-    event does not touch.
-    """
-
-    def __init__(self, callback: Callback, trainer: pl.Trainer, pl_module: nn.Module) -> None:
-        self.callback = callback
-        self.attributes = {k: _shallow(v) for k, v in callback.__dict__.items()}
-        graph = getattr(callback, "_graph", None)
-        self.graph = graph
-        self.history_len = len(graph.history) if graph is not None else 0
-        self.modules = ModuleSnapshot(pl_module)
-        self.optimizers = [
-            (opt, [list(g["params"]) for g in opt.param_groups], dict(opt.state))
-            for opt in trainer.optimizers
-        ]
-        self.strategy = trainer.strategy
-        self.wrapper = trainer.strategy.model
-
-    def restore(self) -> None:
-        """Put the model, optimizers, wrapper, graph and callback back as they were."""
-        self.modules.restore()
-        for opt, groups, state in self.optimizers:
-            for group, params in zip(opt.param_groups, groups, strict=True):
-                group["params"] = params
-            opt.state.clear()
-            opt.state.update(state)
-        if self.strategy.model is not self.wrapper:
-            self.strategy.model = self.wrapper  # still bound to the restored (original) parameters
-        self.callback.__dict__.clear()
-        self.callback.__dict__.update(self.attributes)
-        if self.graph is not None:
-            del self.graph.history[self.history_len :]
-            self.graph.rebuild()
-
-
-def _shallow(value: Any) -> Any:
-    if isinstance(value, list):
-        return list(value)
-    if isinstance(value, dict):
-        return dict(value)
-    return value

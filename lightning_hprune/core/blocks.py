@@ -19,9 +19,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from lightning_hprune.core.cost import Cost, resolve_cost
 from lightning_hprune.core.graph import SkippedBlock, call_model, model_device_dtype, move_to, preserved_modes
 from lightning_hprune.core.levels import ModuleLevel, SelectionContext
-from lightning_hprune.core.measure import count_macs
 from lightning_hprune.core.validation import check_choice, check_int, check_positive, check_str_list
 
 #: Class-name endings of modules that are block candidates when they sit in a ``ModuleList``/``Sequential``.
@@ -208,16 +208,11 @@ def block_scores(
     return scores, refused
 
 
-def block_costs(model: nn.Module, names: Sequence[str], example_inputs: Any, kind: str) -> dict[str, float]:
-    """MACs of one forward of ``example_inputs`` spent in each block, or each block's parameter count."""
-    if kind == "params":
-        out = {}
-        for n in names:
-            params = {id(p): p for p in model.get_submodule(n).parameters()}
-            out[n] = float(sum(p.numel() for p in params.values()))
-        return out
-    per_module = count_macs(model, example_inputs).per_module
-    return {n: float(per_module.get(n, 0)) for n in names}
+def block_costs(
+    model: nn.Module, names: Sequence[str], example_inputs: Any, cost: Cost | str
+) -> dict[str, float]:
+    """What removing each block saves: its MACs in one forward of ``example_inputs``, or its parameters."""
+    return resolve_cost(cost).of_modules(model, names, example_inputs)
 
 
 class BlockLevel(ModuleLevel):
@@ -278,7 +273,7 @@ class BlockLevel(ModuleLevel):
             return self.max_blocks
         return (candidates + removed) // 2
 
-    def select_modules(self, ctx: SelectionContext, budget: float) -> list[str]:
+    def select(self, ctx: SelectionContext, budget: float) -> list[str]:
         """The lowest-scoring blocks whose costs fit in ``budget``, within the caps."""
         if ctx.model is None:
             raise ValueError("BlockLevel needs the model in its SelectionContext.")
@@ -290,7 +285,7 @@ class BlockLevel(ModuleLevel):
             return []
         inputs = _limit(list(ctx.calibration), self.max_samples) or [ctx.example_inputs]
         scores, refused = block_scores(ctx.model, names, inputs, self.metric, ctx.example_inputs)
-        costs = block_costs(ctx.model, list(scores), ctx.example_inputs, ctx.cost.kind)
+        costs = ctx.cost_of_modules(list(scores))
         chosen: list[str] = []
         left = budget
         for name in sorted(scores, key=lambda n: scores[n]):

@@ -1,90 +1,181 @@
-"""A linear cost model: how much MACs or parameters removing one channel of a group saves.
+"""What a pruning target is measured in: small cost objects (parameters, MACs), and a linear cost model.
 
-Exact costs are measured after every step (:mod:`lightning_hprune.core.measure`); this model only
-guides *how many* channels to select. It ignores the product term when two coupled groups shrink
-together, so it slightly over-estimates savings and the engine converges from above in a few rounds.
+A :class:`Cost` measures a model exactly (:meth:`Cost.measure`), estimates how much removing one channel
+of each group saves (:meth:`Cost.per_channel`) and what whole modules cost (:meth:`Cost.of_modules`, for
+block levels). Exact costs are measured after every step; the per-channel estimate only guides *how many*
+channels to select. It ignores the product term when two coupled groups shrink together, so it slightly
+over-estimates savings and the engine converges from above in a few rounds.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import abc
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch.nn as nn
 
 from lightning_hprune.core.graph import ChannelGroup, PruningGraph
-from lightning_hprune.core.measure import MacsReport, count_macs, count_params
+from lightning_hprune.core.measure import count_macs, count_params
 
-COSTS = ("macs", "params")
+
+class Cost(abc.ABC):
+    """A quantity a pruning target is expressed in (the subclasses' ``name`` is what logs and reports use)."""
+
+    #: Short name: ``"params"``, ``"macs"``, ...
+    name: str
+
+    @abc.abstractmethod
+    def measure(self, model: nn.Module, example_inputs: Any) -> float:
+        """The exact cost of ``model`` (one forward pass of ``example_inputs`` where that matters)."""
+
+    @abc.abstractmethod
+    def per_module(self, model: nn.Module, example_inputs: Any) -> Mapping[str, float]:
+        """The cost of every module by name (parents include their children; ``""`` is the model)."""
+
+    def per_channel(
+        self,
+        graph: PruningGraph,
+        groups: Sequence[ChannelGroup],
+        costs: Mapping[str, float] | None = None,
+    ) -> dict[str, float]:
+        """The marginal cost of one unit (channel, or head) of every group.
+
+        A channel of a group costs, in every layer it touches, that layer's cost divided by the layer's width
+        along the pruned dimension; a head costs its attention layer's cost (projections and attention
+        products) plus the group's layers outside it, divided by the head count.
+
+        Args:
+            graph: the model's pruning graph.
+            groups: the groups to estimate.
+            costs: :meth:`per_module` of the model, when already measured.
+
+        """
+        if costs is None:
+            costs = self.per_module(graph.model, graph.example_inputs)
+        dg = graph._dg
+        out: dict[str, float] = {}
+        for g in groups:
+            if g.units is not None:
+                out[g.name] = self._per_head(graph, g, costs)
+                continue
+            seen: dict[int, float] = {}
+            for dep, _ in g.group:
+                module = dep.target.module
+                if not isinstance(module, nn.Module) or module not in graph._module2name:
+                    continue
+                is_out = dg.is_out_channel_pruning_fn(dep.handler)
+                try:
+                    n = dg.get_out_channels(module) if is_out else dg.get_in_channels(module)
+                except Exception:  # pragma: no cover - exotic layers without a channel count
+                    n = None
+                if not n:
+                    continue
+                c = self.per_unit_of_layer(module, graph._module2name[module], int(n), costs)
+                seen[id(module)] = max(seen.get(id(module), 0.0), c)
+            out[g.name] = float(sum(seen.values()))
+        return out
+
+    def per_unit_of_layer(
+        self, module: nn.Module, name: str, width: int, costs: Mapping[str, float]
+    ) -> float:
+        """Cost of one of ``width`` channels of a layer (default: the layer's cost divided by ``width``)."""
+        return costs.get(name, 0.0) / width
+
+    def _per_head(self, graph: PruningGraph, g: ChannelGroup, costs: Mapping[str, float]) -> float:
+        layout = graph.layouts[g.name]
+        parent = layout.module
+        outside = [m for m in g.modules if parent and m != parent and not m.startswith(parent + ".")]
+        total = costs.get(parent, 0.0) + sum(costs.get(m, 0.0) for m in outside)
+        return float(total) / max(1, g.size)
+
+    def of_modules(self, model: nn.Module, names: Sequence[str], example_inputs: Any) -> dict[str, float]:
+        """The cost of each named module (what removing it whole saves)."""
+        costs = self.per_module(model, example_inputs)
+        return {n: float(costs.get(n, 0.0)) for n in names}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self)
+
+    def __hash__(self) -> int:
+        return hash(type(self))
+
+
+class ParamsCost(Cost):
+    """Number of parameters (shared parameters counted once)."""
+
+    name = "params"
+
+    def measure(self, model: nn.Module, example_inputs: Any) -> float:
+        """Count the parameters of ``model``."""
+        return float(count_params(model))
+
+    def per_module(self, model: nn.Module, example_inputs: Any) -> dict[str, float]:
+        """Parameters of every module (recursively)."""
+        return {n: float(count_params(m)) for n, m in model.named_modules()}
+
+    def per_unit_of_layer(
+        self, module: nn.Module, name: str, width: int, costs: Mapping[str, float]
+    ) -> float:
+        """The layer's own parameters along the pruned dimension, divided by ``width``."""
+        return sum(p.numel() / width for p in module.parameters(recurse=False) if width in p.shape)
+
+
+class MacsCost(Cost):
+    """Multiply-accumulates of one forward pass of the example input."""
+
+    name = "macs"
+
+    def measure(self, model: nn.Module, example_inputs: Any) -> float:
+        """Count the MACs of one forward pass."""
+        return float(count_macs(model, example_inputs).total)
+
+    def per_module(self, model: nn.Module, example_inputs: Any) -> dict[str, float]:
+        """MACs spent in every module during one forward pass."""
+        return {k: float(v) for k, v in count_macs(model, example_inputs).per_module.items()}
+
+
+#: The costs a target can be given in, by name.
+COSTS: dict[str, type[Cost]] = {"macs": MacsCost, "params": ParamsCost}
+
+
+def resolve_cost(cost: Cost | str) -> Cost:
+    """Accept a :class:`Cost` object or one of the names in :data:`COSTS`."""
+    if isinstance(cost, Cost):
+        return cost
+    if isinstance(cost, str) and cost in COSTS:
+        return COSTS[cost]()
+    raise ValueError(
+        f"Expected argument `cost` to be one of {sorted(COSTS)} or a `Cost` object, but got {cost!r} "
+        f"({type(cost).__name__})."
+    )
 
 
 @dataclass(frozen=True)
 class CostModel:
-    """Cost of the current model and the marginal cost of one channel of each group."""
+    """The cost of the current model and the marginal cost of one unit of each group."""
 
-    kind: str
+    cost: Cost
     total: float
     per_channel: dict[str, float]
 
-
-def measure_cost(model: nn.Module, example_inputs: Any, kind: str) -> float:
-    """Exact cost of ``model``: MACs of one forward of ``example_inputs``, or its parameter count."""
-    if kind == "params":
-        return float(count_params(model))
-    return float(count_macs(model, example_inputs).total)
-
-
-def build_cost_model(
-    graph: PruningGraph, groups: Sequence[ChannelGroup], kind: str, macs: MacsReport | None = None
-) -> CostModel:
-    """Estimate the marginal cost of one channel of every group."""
-    if kind == "macs" and macs is None:
-        macs = count_macs(graph.model, graph.example_inputs)
-    dg = graph._dg
-    per_channel: dict[str, float] = {}
-    for g in groups:
-        if g.units is not None:  # attention heads: one head's share of the layer, not per channel
-            per_channel[g.name] = _per_head(graph, g, kind, macs)
-            continue
-        seen: dict[int, float] = {}
-        for dep, _ in g.group:
-            module = dep.target.module
-            if not isinstance(module, nn.Module) or module not in graph._module2name:
-                continue
-            name = graph._module2name[module]
-            is_out = dg.is_out_channel_pruning_fn(dep.handler)
-            try:
-                n = dg.get_out_channels(module) if is_out else dg.get_in_channels(module)
-            except Exception:  # pragma: no cover - exotic layers without a channel count
-                n = None
-            if not n:
-                continue
-            if kind == "macs":
-                assert macs is not None
-                c = macs.per_module.get(name, 0) / n
-            else:
-                c = sum(p.numel() / n for p in module.parameters(recurse=False) if n in p.shape)
-            seen[id(module)] = max(seen.get(id(module), 0.0), c)
-        per_channel[g.name] = float(sum(seen.values()))
-    total = float(macs.total) if kind == "macs" and macs is not None else float(count_params(graph.model))
-    return CostModel(kind=kind, total=total, per_channel=per_channel)
+    @classmethod
+    def of(cls, graph: PruningGraph, groups: Sequence[ChannelGroup], cost: Cost) -> CostModel:
+        """Estimate the marginal cost of one unit of every group of ``graph`` (one measurement of the model)."""
+        costs = cost.per_module(graph.model, graph.example_inputs)
+        total = costs[""] if "" in costs else cost.measure(graph.model, graph.example_inputs)
+        return cls(cost=cost, total=float(total), per_channel=cost.per_channel(graph, groups, costs))
 
 
-def _per_head(graph: PruningGraph, g: ChannelGroup, kind: str, macs: MacsReport | None) -> float:
-    """Cost of one attention head.
+def measure_cost(model: nn.Module, example_inputs: Any, cost: Cost | str) -> float:
+    """Exact cost of ``model``: see :meth:`Cost.measure`."""
+    return resolve_cost(cost).measure(model, example_inputs)
 
-    The attention layer's own cost (its projections and the attention products) plus the group's layers
-    outside it (an output projection in a sibling module), divided by the head count.
-    """
-    layout = graph.layouts[g.name]
-    parent = layout.module
-    outside = [m for m in g.modules if parent and m != parent and not m.startswith(parent + ".")]
-    if kind == "macs":
-        assert macs is not None
-        total = macs.per_module.get(layout.module, 0) + sum(macs.per_module.get(m, 0) for m in outside)
-    else:
-        total = count_params(graph.model.get_submodule(layout.module)) + sum(
-            count_params(graph.model.get_submodule(m)) for m in outside
-        )
-    return float(total) / max(1, g.size)
+
+def build_cost_model(graph: PruningGraph, groups: Sequence[ChannelGroup], cost: Cost | str) -> CostModel:
+    """The cost model of ``groups`` (see :meth:`CostModel.of`)."""
+    return CostModel.of(graph, groups, resolve_cost(cost))

@@ -1,117 +1,116 @@
-"""One pruning event: levels run coarse to fine, each down to its cost target, all or nothing."""
+"""One pruning event: levels run coarse to fine, each down to its cost target.
+
+The engine knows levels only through :meth:`~lightning_hprune.core.levels.Level.plan`: each round it asks
+the level for a plan that closes the gap to the level's target, makes every process agree on it, applies
+it and measures the exact cost again.
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from lightning_hprune.core.cost import CostModel, build_cost_model, measure_cost
-from lightning_hprune.core.graph import ModuleSnapshot, PruningError, PruningGraph
+from lightning_hprune.core.cost import Cost, resolve_cost
+from lightning_hprune.core.graph import ChannelGroup, PruningError, PruningGraph
 from lightning_hprune.core.importance import Importance
-from lightning_hprune.core.levels import Level, ModuleLevel, SelectionContext
+from lightning_hprune.core.ledger import LevelRecord
+from lightning_hprune.core.levels import Agree, Level, SelectionContext
 from lightning_hprune.core.optim_state import ParameterSurgery
-from lightning_hprune.core.schedules import ScheduleFn, resolve_schedule
+from lightning_hprune.core.schedules import ScheduleFn, share_fractions
+from lightning_hprune.core.undo import Snapshot, undo_on_failure
 
-#: Makes every process use the same selection (e.g. rank 0's, broadcast): removals dict or module names.
-Agree = Callable[[Any], Any]
+#: A group's width before any pruning: a mapping by current group name, or a lookup (the ledger's).
+OriginalSize = Mapping[str, int] | Callable[[ChannelGroup], int]
 
-
-@dataclass
-class LevelResult:
-    """What one level did in one event."""
-
-    level: str
-    cost_before: float
-    cost_after: float
-    target_cost: float
-    removed: dict[str, int] = field(default_factory=dict)
-    rounds: int = 0
-    blocks: list[str] = field(default_factory=list)
+__all__ = [
+    "Agree",
+    "EventResult",
+    "level_fractions",
+    "plan_steps",
+    "prune_level",
+    "run_event",
+]
 
 
 @dataclass
 class EventResult:
-    """What one event did (all levels)."""
+    """What one event did: per level, the parameter surgery (for optimizers) and the wall time."""
 
-    levels: list[LevelResult]
+    levels: list[LevelRecord]
     surgery: ParameterSurgery
     seconds: float
+
+
+def _original_lookup(original_size: OriginalSize) -> Callable[[ChannelGroup], int]:
+    if callable(original_size):
+        return original_size
+    sizes = dict(original_size)
+    return lambda g: sizes.get(g.name, g.size)
 
 
 def prune_level(
     graph: PruningGraph,
     level: Level,
     importance: Importance,
-    kind: str,
+    cost: Cost | str,
     target_cost: float,
-    original_size: dict[str, int],
+    original_size: OriginalSize,
     round_to: int,
     tolerance: float,
     max_rounds: int = 8,
     agree: Agree | None = None,
     calibration: Sequence[Any] = (),
     strict: bool = False,
-) -> tuple[LevelResult, ParameterSurgery]:
+    sensitivity: Mapping[str, float] | None = None,
+    name: str | None = None,
+) -> tuple[LevelRecord, ParameterSurgery]:
     """Prune with ``level`` until the measured cost is at most ``target_cost + tolerance``.
 
-    With ``strict`` (the schedule's last step), the target is a minimum: no tolerance, and when no
-    selection lands closer to the target than it is now, the level may overshoot by one aligned chunk.
+    With ``strict`` (the schedule's last step), the target is a minimum: no tolerance, and a level that
+    finds nothing within the gap may close it with the least overshoot (``ctx.at_least``).
 
-    Each round scores the current groups, asks the level for channels whose predicted saving closes the
-    gap, applies them and measures the exact cost again. It stops early when nothing more can be removed
-    (every group at its cap), which the caller reports as an unreachable target. ``agree`` makes every
-    process use the same removals (for example rank 0's, broadcast).
+    Each round asks the level for a plan whose predicted saving closes the gap, applies it and measures the
+    exact cost again. It stops early when the level finds nothing more to remove (every group at its cap, no
+    block that fits), which the caller reports as an unreachable target. ``agree`` makes every process use
+    the same plan (for example rank 0's, broadcast).
     """
+    cost = resolve_cost(cost)
+    original = _original_lookup(original_size)
     surgery = ParameterSurgery()
-    before = current = measure_cost(graph.model, graph.example_inputs, kind)
-    result = LevelResult(level=level.name, cost_before=before, cost_after=before, target_cost=target_cost)
+    before = current = cost.measure(graph.model, graph.example_inputs)
+    result = LevelRecord(
+        level=name or level.name, cost_before=before, cost_after=before, target_cost=target_cost
+    )
     rounds = level.rounds if level.rounds is not None else max_rounds
     for _ in range(rounds):
         gap = current - target_cost
         if gap <= (0.0 if strict else tolerance):
             break
-        common = {
-            "original_size": original_size,
-            "round_to": round_to,
-            "model": graph.model,
-            "calibration": calibration,
-            "example_inputs": graph.example_inputs,
-            "removed_modules": [str(h["module"]) for h in graph.history if h.get("op") == "identity"],
-        }
-        if isinstance(level, ModuleLevel):
-            ctx = SelectionContext(
-                groups=(), scores={}, cost=CostModel(kind=kind, total=current, per_channel={}), **common
-            )
-            names = list(level.select_modules(ctx, gap))
-            if agree is not None:
-                names = list(agree(names))
-            if not names:
-                break
-            graph.replace_with_identity(names)
-            result.blocks.extend(names)
-        else:
-            groups = graph.groups()
-            if not groups:
-                break
-            scores = {g.name: g.unit_scores(importance(g.group)) for g in groups}
-            ctx = SelectionContext(
-                groups=groups, scores=scores, cost=build_cost_model(graph, groups, kind), **common
-            )
-            removals = {k: v for k, v in level.select(ctx, gap).items() if v}
-            if not removals and strict:
-                ctx.info["at_least"] = True
-                removals = {k: v for k, v in level.select(ctx, gap).items() if v}
-            if agree is not None:
-                removals = agree(removals)
-            if not removals:
-                break
-            surgery.merge(graph.prune(removals))
-            for name, idxs in removals.items():
-                result.removed[name] = result.removed.get(name, 0) + len(idxs)
+        ctx = SelectionContext(
+            graph=graph,
+            importance=importance,
+            cost_kind=cost,
+            original=original,
+            round_to=round_to,
+            calibration=calibration,
+            removed_modules=[str(h["module"]) for h in graph.history if h.get("op") == "identity"],
+            sensitivity=sensitivity,
+            at_least=strict,
+        )
+        plan = level.plan(ctx, gap)
+        if agree is not None:
+            plan = plan.agreed(agree)
+        if not plan:
+            break
+        surgery.merge(plan.apply(graph))
+        removed, blocks = plan.describe()
+        for group, count in removed.items():
+            result.removed[group] = result.removed.get(group, 0) + count
+        result.blocks.extend(blocks)
         result.rounds += 1
-        current = measure_cost(graph.model, graph.example_inputs, kind)
+        current = cost.measure(graph.model, graph.example_inputs)
     result.cost_after = current
     return result, surgery
 
@@ -124,24 +123,7 @@ def level_fractions(
     Level ``j`` is responsible for ``target * share_j / sum(shares)`` of the dense cost, reached on its own
     schedule (``level.schedule``) or on ``default``. The fractions sum to ``target`` at the last event.
     """
-    total = sum(lv.share for lv in levels)
-    out = []
-    for lv in levels:
-        fn = default if lv.schedule is None else resolve_schedule(lv.schedule, decay)
-        out.append(target * lv.share / total * fn(k, n))
-    return out
-
-
-def removed_per_level(records: Sequence[Mapping[str, Any]], n_levels: int) -> list[float]:
-    """Cost each level (by position) removed in the events recorded in ``records`` (see the callbacks' records)."""
-    out = [0.0] * n_levels
-    for record in records:
-        levels = record.get("levels") or []
-        if len(levels) != n_levels:
-            continue
-        for j, entry in enumerate(levels):
-            out[j] += float(entry.get("cost_before", 0.0)) - float(entry.get("cost_after", 0.0))
-    return out
+    return share_fractions([(lv.share, lv.schedule) for lv in levels], target, k, n, default, decay)
 
 
 def plan_steps(
@@ -160,7 +142,7 @@ def plan_steps(
         dense: cost of the model before any pruning.
         start: cost of the model now (before this event).
         fractions: from :func:`level_fractions`.
-        removed: from :func:`removed_per_level`.
+        removed: what each level removed so far (the ledger's ``removed_per_level``).
 
     """
     final = dense * (1.0 - sum(fractions))
@@ -174,67 +156,74 @@ def plan_steps(
     return steps
 
 
+def level_names(levels: Sequence[Level]) -> list[str]:
+    """Unique names for levels in order: a repeated name gets ``_1``, ``_2``, ... appended."""
+    seen: dict[str, int] = {}
+    out = []
+    for lv in levels:
+        n = seen.get(lv.name, 0)
+        seen[lv.name] = n + 1
+        out.append(lv.name if n == 0 else f"{lv.name}_{n}")
+    return out
+
+
 def run_event(
     graph: PruningGraph,
     steps: Sequence[tuple[Level, float]],
     importance: Importance,
-    kind: str,
-    original_size: dict[str, int],
+    cost: Cost | str,
+    original_size: OriginalSize,
     round_to: int,
     tolerance: float,
     agree: Agree | None = None,
     calibration: Sequence[Any] = (),
     strict: bool = False,
+    sensitivity: Mapping[str, float] | None = None,
+    atomic: bool = True,
 ) -> EventResult:
-    """Run ``(level, target cost)`` steps in order, all or nothing.
+    """Run ``(level, target cost)`` steps in order.
 
     ``strict`` makes the last step's target a minimum (see :func:`prune_level`); use it at the last event.
+    With ``atomic`` (the default), a failure restores the model and the graph's history; a caller that
+    takes a wider snapshot of its own (a pruning session) passes ``False``.
 
     Raises:
-        PruningError: a step failed; the model and the graph's history are as they were before the event.
+        PruningError: a step failed.
 
     """
     start = time.perf_counter()
-    snapshot = ModuleSnapshot(graph.model)
-    n_hist = len(graph.history)
     surgery = ParameterSurgery()
     results = []
+    names = level_names([lv for lv, _ in steps])
     try:
-        for i, (level, target_cost) in enumerate(steps):
-            res, s = prune_level(
-                graph,
-                level,
-                importance,
-                kind,
-                target_cost,
-                original_size,
-                round_to,
-                tolerance,
-                agree=agree,
-                calibration=calibration,
-                strict=strict and i == len(steps) - 1,
-            )
-            surgery.merge(s)
-            results.append(res)
+        with undo_on_failure(
+            lambda: Snapshot(graph.model if atomic else None, history=graph.history if atomic else None)
+        ):
+            for i, ((level, target_cost), name) in enumerate(zip(steps, names, strict=True)):
+                res, s = prune_level(
+                    graph,
+                    level,
+                    importance,
+                    cost,
+                    target_cost,
+                    original_size,
+                    round_to,
+                    tolerance,
+                    agree=agree,
+                    calibration=calibration,
+                    strict=strict and i == len(steps) - 1,
+                    sensitivity=sensitivity,
+                    name=name,
+                )
+                surgery.merge(s)
+                results.append(res)
     except Exception as err:
-        snapshot.restore()
-        del graph.history[n_hist:]
-        graph.rebuild()
+        if atomic:
+            graph.rebuild()
         if isinstance(err, PruningError):
             raise
         raise PruningError(
-            f"Pruning event failed ({type(err).__name__}: {err}); the model was restored to its state before "
-            "the event."
+            f"Pruning event failed ({type(err).__name__}: {err})"
+            + ("; the model was restored to its state before the event." if atomic else ".")
         ) from err
     return EventResult(levels=results, surgery=surgery, seconds=time.perf_counter() - start)
-
-
-def level_names(results: Sequence[LevelResult]) -> list[str]:
-    """Unique names for the levels of one event, in order: a repeated name gets ``_1``, ``_2``, ... appended."""
-    seen: dict[str, int] = {}
-    out = []
-    for r in results:
-        n = seen.get(r.level, 0)
-        seen[r.level] = n + 1
-        out.append(r.level if n == 0 else f"{r.level}_{n}")
-    return out

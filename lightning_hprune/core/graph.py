@@ -6,7 +6,8 @@
 * tracing needs grad mode on and inputs on the model's device/dtype: we take care of both;
 * channels that reach the model's output are never prunable, so the output shape never changes;
 * a failure in the middle of applying a plan restores every touched module (no half-pruned model);
-* the pruning history is kept as plain data (module names, flags, indices) for checkpoints and replay.
+* every structural step is appended to a history list of plain data (module names, indices) for
+  checkpoints and replay. The list is the caller's (a session's ledger owns it) or the graph's own.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from torch_pruning import ops as tp_ops
 
 from lightning_hprune.core.attention import find_layouts, protected_modules
 from lightning_hprune.core.optim_state import ParameterSurgery, record_parameter_surgery
+from lightning_hprune.core.undo import Snapshot
 
 
 class PruningError(RuntimeError):
@@ -40,31 +42,6 @@ def preserved_modes(model: nn.Module) -> Iterator[None]:
     finally:
         for m, mode in modes:
             m.training = mode
-
-
-class ModuleSnapshot:
-    """A zero-copy snapshot of every module's attributes, parameters, buffers and children.
-
-    torch-pruning *replaces* tensors and attributes rather than editing them in place, so restoring the
-    saved references undoes a partial prune without copying any weight.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        self._saved: list[
-            tuple[nn.Module, dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any]]
-        ] = [
-            (m, dict(m.__dict__), dict(m._parameters), dict(m._buffers), dict(m._modules))
-            for m in model.modules()
-        ]
-
-    def restore(self) -> None:
-        """Put every module back exactly as it was when the snapshot was taken."""
-        for m, attrs, params, buffers, modules in self._saved:
-            m.__dict__.clear()
-            m.__dict__.update(attrs)
-            m._parameters = dict(params)
-            m._buffers = dict(buffers)
-            m._modules = dict(modules)
 
 
 class SkippedBlock(nn.Identity):
@@ -128,6 +105,10 @@ class ChannelGroup:
         group: the torch-pruning group with full indices (for criteria, which score channels).
         units: for a group pruned in whole units (attention heads): the root's channel indices of every
             unit; ``None`` when every channel is a unit.
+        outputs: names of the modules whose *output* width is the group's (the root and every coupled
+            layer: residual convolutions, normalisations). Unlike ``name``, which is whichever layer
+            torch-pruning picks as root and may change after a block is removed, each of these modules
+            keeps its place in the group, so they identify it across structural changes.
 
     """
 
@@ -136,6 +117,7 @@ class ChannelGroup:
     modules: tuple[str, ...]
     group: Any
     units: tuple[tuple[int, ...], ...] | None = None
+    outputs: tuple[str, ...] = ()
 
     @property
     def align(self) -> int | None:
@@ -166,6 +148,7 @@ class PruningGraph:
         model: the module to prune (pruned in place).
         example_inputs: inputs for tracing (tensor, tuple of positional args, or dict of kwargs).
         ignored_layers: modules whose *output* width must never change.
+        history: the list every structural step is appended to (default: a new one, ``self.history``).
 
     """
 
@@ -176,12 +159,16 @@ class PruningGraph:
     grouping_timeout_s: float = 300.0
 
     def __init__(
-        self, model: nn.Module, example_inputs: Any, ignored_layers: Sequence[nn.Module] = ()
+        self,
+        model: nn.Module,
+        example_inputs: Any,
+        ignored_layers: Sequence[nn.Module] = (),
+        history: list[dict[str, Any]] | None = None,
     ) -> None:
         self.model = model
         self.example_inputs = example_inputs
         self.ignored_layers = list(ignored_layers)
-        self.history: list[dict[str, Any]] = []
+        self.history: list[dict[str, Any]] = [] if history is None else history
         self._dg: Any = None
         self.rebuild()
 
@@ -202,6 +189,7 @@ class PruningGraph:
                     "inputs the model's forward accepts."
                 ) from err
         PruningGraph.builds += 1
+        self._groups: list[ChannelGroup] | None = None
         self._module2name = {m: n for n, m in self.model.named_modules()}
         self.layouts = find_layouts(self.model)
         self._protected = protected_modules(self.model)
@@ -211,7 +199,21 @@ class PruningGraph:
 
     # ------------------------------------------------------------------ groups
     def groups(self) -> list[ChannelGroup]:
-        """Every prunable channel group: never one that reaches the model's output or an ignored layer's output."""
+        """Every prunable channel group: never one that reaches the model's output or an ignored layer's output.
+
+        Computed once per structure (torch-pruning's grouping is the slow part of a round): every change made
+        through the graph (:meth:`prune`, :meth:`replace_with_identity`, :meth:`rebuild`) drops the cache; a
+        caller that changes the model's structure by other means calls :meth:`invalidate`.
+        """
+        if self._groups is None:
+            self._groups = self._compute_groups()
+        return list(self._groups)
+
+    def invalidate(self) -> None:
+        """Forget the cached groups (the model's widths changed outside the graph)."""
+        self._groups = None
+
+    def _compute_groups(self) -> list[ChannelGroup]:
         out: list[ChannelGroup] = []
         with preserved_modes(self.model):
             for group in self._all_groups():
@@ -232,14 +234,33 @@ class PruningGraph:
                 if attention is not None:
                     self.protected_groups[name] = attention
                     continue
+                outputs = tuple(
+                    dict.fromkeys(
+                        self._module2name[dep.target.module]
+                        for dep, _ in group
+                        if dep.target.module in self._module2name
+                        and self._dg.is_out_channel_pruning_fn(dep.handler)
+                    )
+                )
                 layout = self.layouts.get(name)
                 if layout is not None:
                     units = layout.units(self.model)
                     out.append(
-                        ChannelGroup(name=name, size=len(units), modules=modules, group=group, units=units)
+                        ChannelGroup(
+                            name=name,
+                            size=len(units),
+                            modules=modules,
+                            group=group,
+                            units=units,
+                            outputs=outputs,
+                        )
                     )
                     continue
-                out.append(ChannelGroup(name=name, size=len(group[0].idxs), modules=modules, group=group))
+                out.append(
+                    ChannelGroup(
+                        name=name, size=len(group[0].idxs), modules=modules, group=group, outputs=outputs
+                    )
+                )
         return out
 
     def _all_groups(self) -> list[Any]:
@@ -315,8 +336,8 @@ class PruningGraph:
                 raise PruningError(
                     f"Cannot prune group {name!r}: the plan removes all {size} {current[name].kind}."
                 )
-        snapshot = ModuleSnapshot(self.model)
-        n_hist = len(self.history)
+        snapshot = Snapshot(self.model, history=self.history)
+        self._groups = None
         try:
             with record_parameter_surgery() as surgery, preserved_modes(self.model):
                 for name, idxs in removals.items():
@@ -333,7 +354,6 @@ class PruningGraph:
                         self.history.append({"op": "heads", "module": name, "idxs": plain})
         except Exception as err:
             snapshot.restore()
-            del self.history[n_hist:]
             self.rebuild()
             raise PruningError(
                 f"Applying the pruning plan failed ({type(err).__name__}: {err}); the model was restored "
@@ -349,8 +369,7 @@ class PruningGraph:
 
     def replace_with_identity(self, names: Sequence[str]) -> None:
         """Replace whole modules (blocks, layers) by ``SkippedBlock`` and rebuild the graph, all or nothing."""
-        snapshot = ModuleSnapshot(self.model)
-        n_hist = len(self.history)
+        snapshot = Snapshot(self.model, history=self.history)
         try:
             for name in names:
                 _set_submodule(self.model, name, SkippedBlock())
@@ -358,7 +377,6 @@ class PruningGraph:
             self.rebuild()
         except Exception as err:
             snapshot.restore()
-            del self.history[n_hist:]
             self.rebuild()
             raise PruningError(
                 f"Removing blocks {list(names)} failed ({type(err).__name__}: {err}); the model was restored."

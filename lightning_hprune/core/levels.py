@@ -1,8 +1,17 @@
-"""Levels of the hierarchy: each turns channel scores and a cost budget into a removal plan.
+"""Levels of the hierarchy: each turns scores and a cost budget into a removal plan.
 
-A level's :meth:`Level.select` returns ``{group name: channel indices to remove}`` whose predicted cost
-(from the :class:`~lightning_hprune.core.cost.CostModel`) reaches ``budget``. Widths kept are
-multiples of ``round_to`` and never fall under the level's per-layer cap.
+Every level implements one method, :meth:`Level.plan`: given a :class:`SelectionContext` (the model's
+current groups, their scores, what a unit of each costs, the original widths, ...) and a budget (the cost
+to remove in this round), it returns a :class:`Plan` that the engine agrees on across processes and
+applies, without knowing which kind of level made it.
+
+* :class:`ChannelLevel` levels remove channels (or attention heads): their :meth:`ChannelLevel.select`
+  returns ``{group name: unit indices}`` (a :class:`ChannelPlan`). Widths kept are multiples of
+  ``round_to`` and never fall under the level's per-layer cap.
+* :class:`ModuleLevel` levels remove whole modules: their :meth:`ModuleLevel.select` returns module names
+  (a :class:`ModulePlan`), replaced by a :class:`~lightning_hprune.core.graph.SkippedBlock`.
+
+See "Writing a level" in ``docs/levels.md``.
 """
 
 from __future__ import annotations
@@ -11,53 +20,201 @@ import abc
 import fnmatch
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from lightning_hprune.core.cost import CostModel
-from lightning_hprune.core.graph import ChannelGroup
-from lightning_hprune.core.importance import normalise_scores
+from lightning_hprune.core.cost import Cost, CostModel
+from lightning_hprune.core.graph import ChannelGroup, PruningGraph
+from lightning_hprune.core.importance import Importance, normalise_scores
+from lightning_hprune.core.optim_state import ParameterSurgery
 from lightning_hprune.core.schedules import SCHEDULES
 from lightning_hprune.core.validation import check_choice, check_fraction, check_int, check_positive
 
 Removals = dict[str, list[int]]
+#: Makes every process use the same plan data (e.g. rank 0's, broadcast).
+Agree = Callable[[Any], Any]
 
 
-@dataclass
 class SelectionContext:
-    """Everything a level needs to choose channels.
+    """Everything a level may use to choose what to remove in one round.
+
+    The engine builds it over the live model; ``groups``, ``scores`` and ``cost`` are computed on first
+    use, so a level that removes whole modules never pays for channel scores. Tests and custom engines can
+    give them directly.
 
     Attributes:
         groups: prunable groups of the current model.
-        scores: raw importance per group (one score per channel, low = prune first).
-        cost: marginal cost per channel of every group.
-        original_size: width of every group before any pruning (for caps).
+        scores: raw importance per group (one score per unit, low = prune first).
+        cost: the cost of the model and the marginal cost of one unit of every group.
+        original_size: every current group's width before any pruning (for caps).
         round_to: kept widths are multiples of this.
         model: the model being pruned.
         calibration: recent training inputs (CPU tensors) for levels that score on data.
         example_inputs: the one-sample example input used to trace the model and measure its cost.
-        removed_modules: names of the modules already replaced by the identity (earlier events).
+        removed_modules: names of the modules already removed whole (earlier events).
+        sensitivity: per-layer sensitivities measured by the callback's sensitivity analysis, if any.
+        at_least: the budget is a minimum (the schedule's last step): a level that finds nothing within
+            the budget should take the selection that closes it with the least overshoot.
         info: what the level reports back (predicted saving, chosen ratio, ...), for logs and tests.
 
     """
 
-    groups: Sequence[ChannelGroup]
-    scores: dict[str, torch.Tensor]
-    cost: CostModel
-    original_size: dict[str, int]
-    round_to: int = 1
-    model: nn.Module | None = None
-    calibration: Sequence[Any] = ()
-    example_inputs: Any = None
-    removed_modules: Sequence[str] = ()
-    info: dict[str, Any] = field(default_factory=dict)
+    def __init__(
+        self,
+        groups: Sequence[ChannelGroup] | None = None,
+        scores: Mapping[str, torch.Tensor] | None = None,
+        cost: CostModel | None = None,
+        original_size: Mapping[str, int] | None = None,
+        round_to: int = 1,
+        model: nn.Module | None = None,
+        calibration: Sequence[Any] = (),
+        example_inputs: Any = None,
+        removed_modules: Sequence[str] = (),
+        sensitivity: Mapping[str, float] | None = None,
+        at_least: bool = False,
+        *,
+        graph: PruningGraph | None = None,
+        importance: Importance | None = None,
+        cost_kind: Cost | None = None,
+        original: Callable[[ChannelGroup], int] | None = None,
+    ) -> None:
+        self.round_to = round_to
+        self.model = model if model is not None else (graph.model if graph is not None else None)
+        self.calibration = calibration
+        self.example_inputs = (
+            example_inputs if example_inputs is not None or graph is None else graph.example_inputs
+        )
+        self.removed_modules = list(removed_modules)
+        self.sensitivity = None if sensitivity is None else dict(sensitivity)
+        self.at_least = at_least
+        self.info: dict[str, Any] = {}
+        self._graph, self._importance, self._cost_kind, self._original = (
+            graph,
+            importance,
+            cost_kind,
+            original,
+        )
+        for key, value in (
+            ("groups", groups),
+            ("scores", scores),
+            ("cost", cost),
+            ("original_size", original_size),
+        ):
+            if value is not None:
+                self.__dict__[key] = value  # pre-fills the cached property
+        if groups is None and graph is None:
+            raise ValueError("Expected `groups` or a `graph` to take them from, but got neither.")
+
+    @cached_property
+    def groups(self) -> Sequence[ChannelGroup]:
+        """The prunable groups of the current model."""
+        assert self._graph is not None
+        return self._graph.groups()
+
+    @cached_property
+    def scores(self) -> Mapping[str, torch.Tensor]:
+        """One raw score per unit of every group (the criterion's channel scores, averaged per head)."""
+        if self._importance is None:
+            raise ValueError("This SelectionContext was built without a criterion: it has no scores.")
+        return {g.name: g.unit_scores(self._importance(g.group)) for g in self.groups}
+
+    @cached_property
+    def cost(self) -> CostModel:
+        """The cost model of the current groups."""
+        if self._graph is None or self._cost_kind is None:
+            raise ValueError(
+                "This SelectionContext was built without a graph and a cost: it has no cost model."
+            )
+        return CostModel.of(self._graph, self.groups, self._cost_kind)
+
+    @cached_property
+    def original_size(self) -> Mapping[str, int]:
+        """Every current group's original width."""
+        if self._original is None:
+            return {g.name: g.size for g in self.groups}
+        return {g.name: self._original(g) for g in self.groups}
+
+    def cost_of_modules(self, names: Sequence[str]) -> dict[str, float]:
+        """What removing each named module whole saves."""
+        if self.model is None:
+            raise ValueError("This SelectionContext was built without a model.")
+        kind = self._cost_kind if self._cost_kind is not None else self.cost.cost
+        return kind.of_modules(self.model, names, self.example_inputs)
 
     def align(self, group: ChannelGroup) -> int:
         """Kept widths of ``group`` are multiples of this: ``round_to`` channels, or 1 head."""
         return group.align if group.align is not None else self.round_to
+
+
+# ---------------------------------------------------------------------- plans
+class Plan(abc.ABC):
+    """What a level decided to remove in one round; the engine agrees on it and applies it."""
+
+    @abc.abstractmethod
+    def __bool__(self) -> bool:
+        """Whether the plan removes anything."""
+
+    @abc.abstractmethod
+    def agreed(self, agree: Agree) -> Plan:
+        """The same kind of plan with ``agree`` applied to its data (every process gets rank 0's)."""
+
+    @abc.abstractmethod
+    def apply(self, graph: PruningGraph) -> ParameterSurgery:
+        """Apply it to the model, all or nothing; return the parameter surgery for optimizer remapping."""
+
+    @abc.abstractmethod
+    def describe(self) -> tuple[dict[str, int], list[str]]:
+        """``(units removed per group, modules removed whole)`` for the event's record."""
+
+
+class ChannelPlan(Plan):
+    """Remove units (channels, or heads) of groups: ``{group name: indices in its current numbering}``."""
+
+    def __init__(self, removals: Mapping[str, Sequence[int]]) -> None:
+        self.removals: Removals = {k: [int(i) for i in v] for k, v in removals.items() if len(v)}
+
+    def __bool__(self) -> bool:
+        """Whether any unit is removed."""
+        return bool(self.removals)
+
+    def agreed(self, agree: Agree) -> ChannelPlan:
+        """Rank 0's removals on every process."""
+        return ChannelPlan(agree(self.removals))
+
+    def apply(self, graph: PruningGraph) -> ParameterSurgery:
+        """Prune the units (see :meth:`~lightning_hprune.core.graph.PruningGraph.prune`)."""
+        return graph.prune(self.removals)
+
+    def describe(self) -> tuple[dict[str, int], list[str]]:
+        """Units per group; no module."""
+        return {k: len(v) for k, v in self.removals.items()}, []
+
+
+class ModulePlan(Plan):
+    """Remove whole modules (blocks, layers) by name."""
+
+    def __init__(self, modules: Sequence[str]) -> None:
+        self.modules = [str(m) for m in modules]
+
+    def __bool__(self) -> bool:
+        """Whether any module is removed."""
+        return bool(self.modules)
+
+    def agreed(self, agree: Agree) -> ModulePlan:
+        """Rank 0's module names on every process."""
+        return ModulePlan(agree(self.modules))
+
+    def apply(self, graph: PruningGraph) -> ParameterSurgery:
+        """Replace the modules (see :meth:`~lightning_hprune.core.graph.PruningGraph.replace_with_identity`)."""
+        graph.replace_with_identity(self.modules)
+        return ParameterSurgery()
+
+    def describe(self) -> tuple[dict[str, int], list[str]]:
+        """No unit; the modules."""
+        return {}, list(self.modules)
 
 
 def min_keep(original: int, current: int, max_layer_ratio: float, round_to: int) -> int:
@@ -93,7 +250,7 @@ def take_cheapest(
 
     Within a group, chunks must be listed in the order they may be taken (their keys never decrease), so
     that alignment chunks come before the chunks that rely on them. A chunk that would overshoot the budget
-    by more than it closes is skipped (with the rest of its group). With ``ctx.info["at_least"]`` (the
+    by more than it closes is skipped (with the rest of its group). With ``ctx.at_least`` (the
     engine's last resort when the budget is a minimum), the budget is then closed with the least overshoot:
     among the next chunk of every group, the cheapest that closes the gap (or the largest, repeatedly).
     Writes the predicted saving to ``ctx.info["predicted"]``.
@@ -122,7 +279,7 @@ def take_cheapest(
             closed.add(name)
             continue
         take(i)
-    if ctx.info.get("at_least"):
+    if ctx.at_least:
         while spent < budget:
             nxt: dict[str, int] = {}
             for i, (_, name, _) in enumerate(candidates):
@@ -145,31 +302,32 @@ def normalise(scores: torch.Tensor) -> torch.Tensor:
 
 
 class Level(abc.ABC):
-    """One level of the hierarchy.
+    """One level of the hierarchy: a share of the target and a way of choosing what to remove.
 
     Args:
         share: this level's share of the overall target when levels are composed (shares are normalised
             by their sum).
-        max_layer_ratio: no group loses more than this fraction of its original width.
         schedule: this level's own schedule (a name from :mod:`~lightning_hprune.core.schedules`, e.g.
             ``"constant"`` to act in full at the first event); ``None`` follows the callback's schedule.
 
     """
 
+    #: The level's name in logs and reports.
     name: str = "level"
-    #: Selections per event; ``None`` lets the engine refine until the cost target is met.
+    #: Selection rounds per event; ``None`` lets the engine refine until the cost target is met.
     rounds: int | None = None
+    #: Whether the level uses the callback's sensitivity analysis (``ctx.sensitivity``); it runs only then.
+    wants_sensitivity: bool = False
 
-    def __init__(self, share: float = 1.0, max_layer_ratio: float = 0.8, schedule: str | None = None) -> None:
+    def __init__(self, share: float = 1.0, schedule: str | None = None) -> None:
         self.share = check_fraction("share", share, allow_one=True)
-        self.max_layer_ratio = check_fraction("max_layer_ratio", max_layer_ratio, allow_one=False)
         if schedule is not None:
             check_choice("schedule", schedule, SCHEDULES)
         self.schedule = schedule
 
     @abc.abstractmethod
-    def select(self, ctx: SelectionContext, budget: float) -> Removals:
-        """Choose channels whose predicted cost reaches ``budget``."""
+    def plan(self, ctx: SelectionContext, budget: float) -> Plan:
+        """What to remove so that the predicted saving reaches ``budget`` (an empty plan: nothing fits)."""
 
     def check_model(self, model: nn.Module) -> None:  # noqa: B027 - optional hook
         """Raise a clear ``ValueError`` when the level's arguments cannot apply to ``model`` (called in setup)."""
@@ -179,23 +337,56 @@ class Level(abc.ABC):
         return f"{type(self).__name__}({args})"
 
 
-class ModuleLevel(Level):
-    """A level that removes whole modules (replacing them by the identity) instead of channels.
+class ChannelLevel(Level):
+    """A level that removes channels (and attention heads) of the model's groups.
 
-    The engine calls :meth:`select_modules` and applies the result with
-    :meth:`~lightning_hprune.core.graph.PruningGraph.replace_with_identity`.
+    Args:
+        share: see :class:`Level`.
+        max_layer_ratio: no group loses more than this fraction of its original width.
+        schedule: see :class:`Level`.
+
     """
 
-    def select(self, ctx: SelectionContext, budget: float) -> Removals:
-        """Module levels remove modules, not channels: see :meth:`select_modules`."""
-        raise TypeError(f"{type(self).__name__} removes whole modules; call `select_modules` instead.")
+    def __init__(self, share: float = 1.0, max_layer_ratio: float = 0.8, schedule: str | None = None) -> None:
+        super().__init__(share=share, schedule=schedule)
+        self.max_layer_ratio = check_fraction("max_layer_ratio", max_layer_ratio, allow_one=False)
+
+    def plan(self, ctx: SelectionContext, budget: float) -> ChannelPlan:
+        """The units :meth:`select` chooses.
+
+        When the budget is a minimum (``ctx.at_least``, the schedule's last step) and nothing fits within it,
+        :meth:`select` is asked again with ``ctx.at_least`` set, to close the gap with the least overshoot;
+        otherwise it sees ``ctx.at_least`` false.
+        """
+        minimum = ctx.at_least
+        ctx.at_least = False
+        try:
+            removals = self.select(ctx, budget)
+            if minimum and not any(len(v) for v in removals.values()):
+                ctx.at_least = True
+                removals = self.select(ctx, budget)
+        finally:
+            ctx.at_least = minimum
+        return ChannelPlan(removals)
 
     @abc.abstractmethod
-    def select_modules(self, ctx: SelectionContext, budget: float) -> list[str]:
-        """Names of the modules to replace by the identity; their cost must fit in ``budget``."""
+    def select(self, ctx: SelectionContext, budget: float) -> Removals:
+        """Choose units whose predicted cost reaches ``budget``: ``{group name: unit indices}``."""
 
 
-class GlobalLevel(Level):
+class ModuleLevel(Level):
+    """A level that removes whole modules (replacing them by a :class:`~lightning_hprune.core.graph.SkippedBlock`)."""
+
+    def plan(self, ctx: SelectionContext, budget: float) -> ModulePlan:
+        """The modules :meth:`select` chooses."""
+        return ModulePlan(self.select(ctx, budget))
+
+    @abc.abstractmethod
+    def select(self, ctx: SelectionContext, budget: float) -> list[str]:
+        """Names of the modules to remove; their cost must fit in ``budget``."""
+
+
+class GlobalLevel(ChannelLevel):
     """Global channel pruning: one ranking over all groups, scores normalised per group, capped per layer.
 
     Channels are ranked in chunks of ``round_to`` (the lowest-scoring channels of a group first), so every
@@ -224,7 +415,7 @@ class GlobalLevel(Level):
         return take_cheapest(candidates, ctx, budget)
 
 
-class UniformLevel(Level):
+class UniformLevel(ChannelLevel):
     """Layer-wise pruning with one ratio for every group (the ratio is searched to meet the budget)."""
 
     name = "uniform"
@@ -309,7 +500,7 @@ def _check_pattern_mapping(
     return out
 
 
-class LayerLevel(Level):
+class LayerLevel(ChannelLevel):
     """Layer-wise pruning: each layer loses its own fraction of its original width.
 
     The ratios come from one of three sources:
@@ -363,6 +554,11 @@ class LayerLevel(Level):
         )
 
     @property
+    def wants_sensitivity(self) -> bool:  # type: ignore[override]
+        """A level given neither ``ratios`` nor ``sensitivity`` uses the callback's sensitivity analysis."""
+        return not self.ratios and not self.sensitivity
+
+    @property
     def patterns(self) -> list[str]:
         """The module-name patterns of the mapping (empty for uniform)."""
         return list(self.ratios or self.sensitivity)
@@ -378,18 +574,49 @@ class LayerLevel(Level):
                 f"{type(model).__name__}, but {unmatched} matched none. Module names look like {names[:6]}."
             )
 
-    def weights(self, groups: Sequence[ChannelGroup]) -> dict[str, float]:
-        """Each group's ratio at scale 1 (groups no pattern matches are absent)."""
-        if not self.patterns:
+    def mapping(self, ctx: SelectionContext) -> tuple[str, Mapping[str, float]]:
+        """Where the ratios come from: ``("ratios" | "sensitivity" | "uniform", pattern -> value)``.
+
+        A level given neither mapping uses the sensitivities of the callback's analysis (``ctx.sensitivity``)
+        when there are any.
+        """
+        if self.ratios:
+            return "ratios", self.ratios
+        if self.sensitivity:
+            return "sensitivity", self.sensitivity
+        if ctx.sensitivity:
+            return "sensitivity", ctx.sensitivity
+        return "uniform", {}
+
+    def weights(
+        self, groups: Sequence[ChannelGroup], source: tuple[str, Mapping[str, float]] | None = None
+    ) -> dict[str, float]:
+        """Each group's ratio at scale 1 (groups no pattern matches are absent).
+
+        A pattern matches a group when it matches the group's name or the name of one of its output layers
+        (which stay the same when a block removal gives the group another root).
+        """
+        kind, mapping = (
+            source
+            if source is not None
+            else (
+                ("ratios", self.ratios)
+                if self.ratios
+                else ("sensitivity", self.sensitivity)
+                if self.sensitivity
+                else ("uniform", {})
+            )
+        )
+        if kind == "uniform":
             return {g.name: 1.0 for g in groups}
-        mapping = self.ratios or self.sensitivity
         matched: dict[str, float] = {}
         for g in groups:
+            names = (g.name, *g.outputs)
             for pattern, value in mapping.items():
-                if fnmatch.fnmatchcase(g.name, pattern):
+                if any(fnmatch.fnmatchcase(n, pattern) for n in names):
                     matched[g.name] = value
                     break
-        if self.ratios or not matched:
+        if kind == "ratios" or not matched:
             return matched
         # Same allocation as `core.sensitivity.sensitivity_ratios`: an infinite sensitivity means "never".
         finite = [v for v in matched.values() if math.isfinite(v)]
@@ -402,7 +629,7 @@ class LayerLevel(Level):
         """Channels each group must lose (relative to its current width) to reach its ratio at ``scale``."""
         counts: dict[str, int] = {}
         by_name = {g.name: g for g in ctx.groups}
-        for name, weight in self.weights(ctx.groups).items():
+        for name, weight in self.weights(ctx.groups, self.mapping(ctx)).items():
             current, align = by_name[name].size, ctx.align(by_name[name])
             original = ctx.original_size.get(name, current)
             ratio = min(self.max_layer_ratio, scale * weight)
@@ -414,6 +641,7 @@ class LayerLevel(Level):
 
     def select(self, ctx: SelectionContext, budget: float) -> Removals:
         """Find the smallest common scale whose predicted cost reaches ``budget`` (at most 1)."""
+        ctx.info["source"] = self.mapping(ctx)[0]
         if budget <= 0:
             return {}
 
@@ -464,7 +692,7 @@ class LayerLevel(Level):
         return counts
 
 
-class UnitLevel(Level):
+class UnitLevel(ChannelLevel):
     """Unit-wise pruning by threshold: inside each layer, units (channels, neurons) scoring under a threshold.
 
     The threshold is absolute (``reference="absolute"``: score < ``threshold``) or relative to the layer's
@@ -537,7 +765,7 @@ class UnitLevel(Level):
         return take_cheapest(candidates, ctx, budget)
 
 
-class WindowLevel(Level):
+class WindowLevel(ChannelLevel):
     """Window-wise pruning: contiguous windows of ``window_size`` units are scored together and removed together.
 
     A window is ``window_size`` consecutive channels of a group (in its current numbering), e.g. the

@@ -2,7 +2,7 @@
 
 For every prunable group, the ``fraction`` of its channels that score lowest is removed, the metric is
 measured on a few validation batches, and the model is restored with a zero-copy
-:class:`~lightning_hprune.core.graph.ModuleSnapshot`. The result, ``{group name: drop}``, plugs into
+:class:`~lightning_hprune.core.undo.Snapshot` (the one undo mechanism every pruning step uses). The result, ``{group name: drop}``, plugs into
 ``LayerLevel(sensitivity=...)``; :func:`sensitivity_ratios` turns it into explicit per-layer ratios for
 ``LayerLevel(ratios=...)``. :func:`cached_sensitivity` stores it as JSON (for example in the log
 directory) and reuses it when the file matches, so a resumed run does not measure again.
@@ -22,7 +22,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lightning_hprune.core.graph import (
-    ModuleSnapshot,
     PruningGraph,
     call_model,
     model_device_dtype,
@@ -30,6 +29,7 @@ from lightning_hprune.core.graph import (
     preserved_modes,
 )
 from lightning_hprune.core.importance import Importance, MagnitudeImportance
+from lightning_hprune.core.undo import Snapshot
 from lightning_hprune.core.validation import check_choice, check_fraction, check_int
 
 Evaluate = Callable[[nn.Module], float]
@@ -150,14 +150,13 @@ def measure_sensitivity(
             continue
         scores = g.unit_scores(importance(g.group))
         idxs = sorted(torch.argsort(scores.float(), stable=True)[:k].tolist())
-        snapshot = ModuleSnapshot(graph.model)
-        n_hist = len(graph.history)
+        snapshot = Snapshot(graph.model, history=graph.history)
         try:
             graph.prune({g.name: idxs})
             value = float(evaluate(graph.model))
         finally:
             snapshot.restore()
-            del graph.history[n_hist:]
+            graph.invalidate()
         worse = base - value if mode == "max" else value - base
         drops[g.name] = max(0.0, worse) if math.isfinite(worse) else math.inf
     return drops
