@@ -74,7 +74,8 @@ def test_hugging_face_heads_are_removed_exactly() -> None:
     d = 16
     with torch.no_grad():
         reference.encoder.layer[1].attention.output.dense.weight[:, 2 * d : 4 * d] = 0
-    graph = PruningGraph(model, {"input_ids": ids[:1]})
+    # The traced path (torch-pruning's graph, heads found by `core.attention`), as for encoders of no known family.
+    graph = PruningGraph(model, {"input_ids": ids[:1]}, families=False)
     root = next(g for g in graph.groups() if g.name.startswith("encoder.layer.1.attention.self."))
     assert root.kind == "heads"
     assert root.size == 4
@@ -99,7 +100,7 @@ def test_real_minilm_weights_keep_their_outputs_when_unused_heads_go() -> None:
     ids = torch.randint(1000, 2000, (2, 9))
     n_heads = model.config.num_attention_heads
     d = model.config.hidden_size // n_heads
-    graph = PruningGraph(model, {"input_ids": ids[:1]})
+    graph = PruningGraph(model, {"input_ids": ids[:1]}, families=False)  # the traced path
     heads = [g for g in graph.groups() if g.kind == "heads"]
     assert len(heads) == model.config.num_hidden_layers
     for layer, g in enumerate(heads):

@@ -401,7 +401,9 @@ def test_default_hierarchy_on_a_vit_removes_encoder_blocks_then_widths(tmp_path)
     blocks = [b for r in cb.records for lv in r["levels"] for b in lv.get("blocks", [])]
     assert blocks, cb.records
     assert all(b.startswith("vit.blocks.") for b in blocks)
-    assert 0.5 <= cb.summary["achieved"] <= 0.53
+    # The target is a minimum. Since MACs include the attention products (math SDPA), the last step on this
+    # 64-wide ViT is the cheapest closing chunk, one head of 2 (about 3 % of the MACs): the bound allows one.
+    assert 0.5 <= cb.summary["achieved"] <= 0.535
     assert model(torch.zeros(2, 1, 16, 16)).shape == (2, 10)
 
 

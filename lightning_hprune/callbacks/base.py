@@ -118,6 +118,10 @@ class PruningCallback(Callback):
         calibration_batches: training batches kept (on the CPU) during event epochs for data-driven levels
             and criteria.
         verbose: print one line per event and a before/after table at the end.
+        uniform_widths: for Hugging Face transformers (a known layout), keep one width per kind (heads, key/value
+            heads, FFN, hidden size) across layers, so the model's own ``save_pretrained`` /
+            ``from_pretrained`` round-trips; ``False`` lets every layer keep its own widths (then only
+            ``load_pruned`` reloads it, and ``save_pretrained`` is refused with a message).
 
     """
 
@@ -148,6 +152,7 @@ class PruningCallback(Callback):
         tolerance: float = 0.002,
         calibration_batches: int = 4,
         verbose: bool = True,
+        uniform_widths: bool = True,
     ) -> None:
         super().__init__()
         self.session = PruningSession(
@@ -166,6 +171,7 @@ class PruningCallback(Callback):
             measure_latency=measure_latency,
             latency_batch_size=latency_batch_size,
             sensitivity=sensitivity,
+            uniform_widths=uniform_widths,
         )
         self._own_levels = list(levels)
         self.verbose = bool(verbose)

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch.nn as nn
 
+from lightning_hprune.core.cuts import Cut
 from lightning_hprune.core.graph import ChannelGroup, PruningGraph
 from lightning_hprune.core.measure import count_macs, count_params
 
@@ -54,28 +55,7 @@ class Cost(abc.ABC):
         """
         if costs is None:
             costs = self.per_module(graph.model, graph.example_inputs)
-        dg = graph._dg
-        out: dict[str, float] = {}
-        for g in groups:
-            if g.units is not None:
-                out[g.name] = self._per_head(graph, g, costs)
-                continue
-            seen: dict[int, float] = {}
-            for dep, _ in g.group:
-                module = dep.target.module
-                if not isinstance(module, nn.Module) or module not in graph._module2name:
-                    continue
-                is_out = dg.is_out_channel_pruning_fn(dep.handler)
-                try:
-                    n = dg.get_out_channels(module) if is_out else dg.get_in_channels(module)
-                except Exception:  # pragma: no cover - exotic layers without a channel count
-                    n = None
-                if not n:
-                    continue
-                c = self.per_unit_of_layer(module, graph._module2name[module], int(n), costs)
-                seen[id(module)] = max(seen.get(id(module), 0.0), c)
-            out[g.name] = float(sum(seen.values()))
-        return out
+        return {g.name: float(g.unit_cost(self, graph, costs)) for g in groups}
 
     def per_unit_of_layer(
         self, module: nn.Module, name: str, width: int, costs: Mapping[str, float]
@@ -83,12 +63,22 @@ class Cost(abc.ABC):
         """Cost of one of ``width`` channels of a layer (default: the layer's cost divided by ``width``)."""
         return costs.get(name, 0.0) / width
 
-    def _per_head(self, graph: PruningGraph, g: ChannelGroup, costs: Mapping[str, float]) -> float:
-        layout = graph.layouts[g.name]
-        parent = layout.module
-        outside = [m for m in g.modules if parent and m != parent and not m.startswith(parent + ".")]
-        total = costs.get(parent, 0.0) + sum(costs.get(m, 0.0) for m in outside)
-        return float(total) / max(1, g.size)
+    def per_cut_unit(self, cut: Cut, costs: Mapping[str, float]) -> float:
+        """What one unit of a layout group's cut saves (default: the layer's cost per index, for weights)."""
+        p = cut.tensor
+        if p is None or cut.param != "weight":
+            return 0.0
+        return costs.get(cut.name, 0.0) / p.shape[cut.dim] * len(cut.units[0])
+
+    def core_share(self, model: nn.Module, module: str, share: float, costs: Mapping[str, float]) -> float:
+        """``share`` of what a module costs beyond its children (attention products; none for parameters)."""
+        own = costs.get(module, 0.0)
+        try:
+            children = model.get_submodule(module).named_children()
+        except AttributeError:
+            return 0.0
+        prefix = f"{module}." if module else ""
+        return max(0.0, own - sum(costs.get(prefix + n, 0.0) for n, _ in children)) * share
 
     def of_modules(self, model: nn.Module, names: Sequence[str], example_inputs: Any) -> dict[str, float]:
         """The cost of each named module (what removing it whole saves)."""

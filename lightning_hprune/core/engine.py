@@ -95,7 +95,7 @@ def prune_level(
             original=original,
             round_to=round_to,
             calibration=calibration,
-            removed_modules=[str(h["module"]) for h in graph.history if h.get("op") == "identity"],
+            removed_modules=graph.removed_modules(),
             sensitivity=sensitivity,
             at_least=strict,
         )

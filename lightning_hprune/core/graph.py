@@ -140,6 +140,48 @@ class ChannelGroup:
         flat = channel_scores.flatten().float()
         return torch.stack([flat[list(u)].mean() for u in self.units])
 
+    def allows(self, width: int) -> bool:
+        """Whether the group may keep ``width`` units (every width, unless a layout restricts them)."""
+        return True
+
+    def score(self, importance: Any) -> torch.Tensor:
+        """One score per unit from ``importance`` (an :class:`~lightning_hprune.core.importance.Importance`)."""
+        return self.unit_scores(importance(self.group))
+
+    def expand(self, units: Sequence[int]) -> dict[str, list[int]]:
+        """What removing ``units`` means for :meth:`PruningGraph.prune`: ``{group name: units}`` here."""
+        return {self.name: [int(u) for u in units]} if len(units) else {}
+
+    def unit_cost(self, cost: Any, graph: PruningGraph, costs: Mapping[str, float]) -> float:
+        """What removing one unit saves in ``cost`` (a :class:`~lightning_hprune.core.cost.Cost`).
+
+        A channel saves, in every layer of the group, that layer's cost divided by its width along the pruned
+        dimension; a head saves its attention layer's cost (projections and attention products) plus the
+        group's layers outside it, divided by the head count.
+        """
+        if self.units is not None:
+            layout = graph.layouts[self.name]
+            parent = layout.module
+            outside = [m for m in self.modules if parent and m != parent and not m.startswith(parent + ".")]
+            total = costs.get(parent, 0.0) + sum(costs.get(m, 0.0) for m in outside)
+            return float(total) / max(1, self.size)
+        dg = graph._dg
+        seen: dict[int, float] = {}
+        for dep, _ in self.group:
+            module = dep.target.module
+            if not isinstance(module, nn.Module) or module not in graph._module2name:
+                continue
+            is_out = dg.is_out_channel_pruning_fn(dep.handler)
+            try:
+                n = dg.get_out_channels(module) if is_out else dg.get_in_channels(module)
+            except Exception:  # pragma: no cover - exotic layers without a channel count
+                n = None
+            if not n:
+                continue
+            c = cost.per_unit_of_layer(module, graph._module2name[module], int(n), costs)
+            seen[id(module)] = max(seen.get(id(module), 0.0), c)
+        return float(sum(seen.values()))
+
 
 class PruningGraph:
     """torch-pruning's dependency graph over ``model``, rebuilt only when the structure changes.
@@ -149,6 +191,13 @@ class PruningGraph:
         example_inputs: inputs for tracing (tensor, tuple of positional args, or dict of kwargs).
         ignored_layers: modules whose *output* width must never change.
         history: the list every structural step is appended to (default: a new one, ``self.history``).
+        uniform: for models of a known layout (:mod:`lightning_hprune.core.families`), keep widths uniform
+            across layers (what one config value describes); ``False`` prunes each layer on its own.
+        families: use a known layout when the model has one (``False`` always traces with torch-pruning).
+
+    A model of a known layout (Hugging Face Llama, Qwen, Mistral, Phi-3, GPT-2, BERT, ...) is not traced: its
+    family builds the groups from the structure, prunes by slicing, removes whole layers from the layer list
+    and keeps the config true (``self.family``).
 
     """
 
@@ -164,17 +213,34 @@ class PruningGraph:
         example_inputs: Any,
         ignored_layers: Sequence[nn.Module] = (),
         history: list[dict[str, Any]] | None = None,
+        uniform: bool = True,
+        families: bool = True,
     ) -> None:
+        from lightning_hprune.core.families import detect
+
         self.model = model
         self.example_inputs = example_inputs
         self.ignored_layers = list(ignored_layers)
         self.history: list[dict[str, Any]] = [] if history is None else history
+        self.uniform = bool(uniform)
+        self.family = detect(model) if families else None
         self._dg: Any = None
+        self._groups: list[ChannelGroup] | None = None
         self.rebuild()
 
     # ------------------------------------------------------------------ building
     def rebuild(self) -> None:
         """(Re)trace the model; the model's train/eval modes and grad state are left as they were."""
+        if self.family is not None:  # a known layout: nothing to trace
+            PruningGraph.builds += 1
+            self._groups = None
+            self._module2name = {m: n for n, m in self.model.named_modules()}
+            self.layouts: dict[str, Any] = {}
+            self._protected: dict[str, str] = {}
+            #: Groups left out because they would cut through the heads of an unrecognised attention layer.
+            self.protected_groups: dict[str, str] = {}
+            self._grouping_checked = True
+            return
         device, dtype = model_device_dtype(self.model)
         inputs = move_to(self.example_inputs, device, dtype)
         with preserved_modes(self.model), torch.enable_grad():
@@ -189,12 +255,11 @@ class PruningGraph:
                     "inputs the model's forward accepts."
                 ) from err
         PruningGraph.builds += 1
-        self._groups: list[ChannelGroup] | None = None
+        self._groups = None
         self._module2name = {m: n for n, m in self.model.named_modules()}
         self.layouts = find_layouts(self.model)
         self._protected = protected_modules(self.model)
-        #: Groups left out because they would cut through the heads of an unrecognised attention layer.
-        self.protected_groups: dict[str, str] = {}
+        self.protected_groups = {}
         self._grouping_checked = False
 
     # ------------------------------------------------------------------ groups
@@ -206,7 +271,11 @@ class PruningGraph:
         caller that changes the model's structure by other means calls :meth:`invalidate`.
         """
         if self._groups is None:
-            self._groups = self._compute_groups()
+            if self.family is not None:
+                self._groups = list(self.family.groups(self.model, self.uniform, self.ignored_layers))
+                self.protected_groups = dict(getattr(self.family, "protected", {}))
+            else:
+                self._groups = self._compute_groups()
         return list(self._groups)
 
     def invalidate(self) -> None:
@@ -324,6 +393,8 @@ class PruningGraph:
             PruningError: the plan is invalid or applying it failed; the model is unchanged.
 
         """
+        if self.family is not None:
+            return self._prune_slots(removals)
         current = {g.name: g for g in self.groups()}
         for name, idxs in removals.items():
             if name not in current:
@@ -361,6 +432,42 @@ class PruningGraph:
             ) from err
         return surgery
 
+    def _prune_slots(self, removals: Mapping[str, Sequence[int]]) -> ParameterSurgery:
+        """Prune units of a known layout's slots (``{slot name: unit indices}``), all or nothing."""
+        assert self.family is not None
+        slots = self.family.slots(self.model)
+        plain: dict[str, list[int]] = {}
+        for name, idxs in removals.items():
+            if name not in slots:
+                raise PruningError(
+                    f"Cannot prune {name!r}: it is not a slot of the {self.family.name} model (slots look like "
+                    f"{sorted(slots)[:3]})."
+                )
+            units = sorted({int(i) for i in idxs})
+            bad = [i for i in units if not 0 <= i < slots[name].size]
+            if bad:
+                raise PruningError(f"Cannot prune {name!r}: units {bad[:5]} outside [0, {slots[name].size}).")
+            if len(units) >= slots[name].size:
+                raise PruningError(f"Cannot prune {name!r}: the plan removes all {slots[name].size} units.")
+            if units:
+                plain[name] = units
+        snapshot = Snapshot(self.model, history=self.history)
+        self._groups = None
+        try:
+            with record_parameter_surgery() as surgery:
+                self.family.prune(self.model, plain)
+                for name, units in plain.items():
+                    self.history.append({"op": "channels", "module": name, "idxs": units})
+        except Exception as err:
+            snapshot.restore()
+            self.rebuild()
+            raise PruningError(
+                f"Applying the pruning plan failed ({type(err).__name__}: {err}); the model was restored "
+                "to its state before this pruning step."
+            ) from err
+        self._module2name = {m: n for n, m in self.model.named_modules()}
+        return surgery
+
     def _prune_root(self, name: str, idxs: list[int]) -> None:
         module = self._root(name)
         pruner = self._dg.get_pruner_of_module(module)
@@ -371,6 +478,14 @@ class PruningGraph:
         """Replace whole modules (blocks, layers) by ``SkippedBlock`` and rebuild the graph, all or nothing."""
         snapshot = Snapshot(self.model, history=self.history)
         try:
+            if self.family is not None:  # a known layout: out of the layer list, config and indices updated
+                order = self.family.layers(self.model)
+                # Removed from the last to the first, and recorded so: a replay step by step names the same layers.
+                names = sorted(names, key=lambda n: order.index(n) if n in order else -1, reverse=True)
+                self.family.remove_layers(self.model, names)
+                self.history.extend({"op": "remove_layer", "module": name} for name in names)
+                self.rebuild()
+                return
             for name in names:
                 _set_submodule(self.model, name, SkippedBlock())
                 self.history.append({"op": "identity", "module": name})
@@ -382,16 +497,29 @@ class PruningGraph:
                 f"Removing blocks {list(names)} failed ({type(err).__name__}: {err}); the model was restored."
             ) from err
 
+    def removed_modules(self) -> list[str]:
+        """Modules removed whole so far (replaced by a ``SkippedBlock``, or layers taken out of a layer list)."""
+        return removed_modules(self.history)
+
     def replay(self, history: Sequence[Mapping[str, Any]]) -> None:
         """Re-apply a recorded pruning history to an unpruned model of the same architecture."""
         for step in history:
             op = step.get("op")
             if op in ("channels", "heads"):
                 self.prune({str(step["module"]): [int(i) for i in step["idxs"]]})
-            elif op == "identity":
+            elif op in ("identity", "remove_layer"):
                 self.replace_with_identity([str(step["module"])])
             else:
                 raise PruningError(f"Unknown step in pruning history: {dict(step)!r}.")
+
+
+#: History operations that remove a whole module.
+REMOVAL_OPS = ("identity", "remove_layer")
+
+
+def removed_modules(history: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Names of the modules a history removed whole, in order (each as named when it was removed)."""
+    return [str(h["module"]) for h in history if h.get("op") in REMOVAL_OPS]
 
 
 def _forward_fn(model: nn.Module, example_inputs: Any) -> Any:

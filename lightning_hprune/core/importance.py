@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch_pruning as tp
 from torch_pruning.pruner import function as tp_fn
 
+from lightning_hprune.core.cuts import Cut, weight_cuts
 from lightning_hprune.core.graph import call_model, model_device_dtype, move_to, preserved_modes
 from lightning_hprune.core.validation import check_choice, check_int, check_positive
 
@@ -64,6 +65,22 @@ class Importance(abc.ABC):
     def __call__(self, group: Any) -> torch.Tensor:
         """Return one score per channel of ``group`` (low = unimportant)."""
 
+    def score_cuts(self, cuts: Sequence[Cut]) -> torch.Tensor:
+        """Return one score per unit of a layout group, from the parameter slices its units own.
+
+        Layout groups (known transformer structures, see :mod:`lightning_hprune.core.families`) are not
+        torch-pruning groups: a criterion that prunes them implements this too. Every built-in one does.
+
+        Raises:
+            NotImplementedError: the criterion only scores torch-pruning groups.
+
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} scores torch-pruning groups only (`__call__`), but this model's groups come "
+            "from a known transformer layout: implement `score_cuts(cuts)` too (see docs/criteria.md), or use a "
+            "built-in criterion."
+        )
+
     def on_before_optimizer_step(  # noqa: B027 - optional hook
         self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None
     ) -> None:
@@ -96,6 +113,12 @@ class Importance(abc.ABC):
         return f"{type(self).__name__}({args})"
 
 
+def _linear_like(module: nn.Module) -> bool:
+    """Hugging Face's ``Conv1D`` (GPT-2): a linear layer with a transposed ``[in, out]`` weight."""
+    w = module._parameters.get("weight") if isinstance(module, nn.Module) else None
+    return type(module).__name__ == "Conv1D" and isinstance(w, torch.Tensor) and w.dim() == 2
+
+
 def _magnitude_target_types() -> list[type[nn.Module]]:
     # A fresh list on every call: torch-pruning keeps mutable defaults.
     return [nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.LayerNorm]
@@ -122,6 +145,14 @@ class MagnitudeImportance(Importance):
         """Return the group magnitude of each channel."""
         return self._impl(group).float().cpu()
 
+    @torch.no_grad()
+    def score_cuts(self, cuts: Sequence[Cut]) -> torch.Tensor:
+        """The mean over the weights a unit owns of ``sum |w|^p`` (per index), averaged over the cuts."""
+        parts = [c.per_unit(c.tensor.abs().pow(self.p)) for c in weight_cuts(cuts) if c.tensor is not None]
+        if not parts:
+            raise ValueError("Expected at least one weight among the cuts of a layout group, but got none.")
+        return torch.stack(parts).mean(0)
+
 
 class RandomImportance(Importance):
     """Random scores: a baseline for benchmarks (seeded for reproducibility)."""
@@ -134,6 +165,10 @@ class RandomImportance(Importance):
         """Return uniform random scores."""
         n = len(group[0].idxs)
         return torch.rand(n, generator=self._gen)
+
+    def score_cuts(self, cuts: Sequence[Cut]) -> torch.Tensor:
+        """Return uniform random scores, one per unit."""
+        return torch.rand(len(cuts[0].units), generator=self._gen)
 
     def state_dict(self) -> dict[str, Any]:
         """The generator's state, so that a resumed run draws the same scores as an unbroken one."""
@@ -257,7 +292,11 @@ class TaylorImportance(Importance):
         targets = tuple(_magnitude_target_types())
         out: dict[str, nn.Parameter] = {}
         for mname, m in model.named_modules():
-            if not isinstance(m, targets):
+            if (
+                not isinstance(m, targets)
+                and not _linear_like(m)
+                and not type(m).__name__.endswith("RMSNorm")
+            ):
                 continue
             for pname in names:
                 p = m._parameters.get(pname)
@@ -337,6 +376,21 @@ class TaylorImportance(Importance):
 
         scores = reduce_over_group(group, local, how="sum")
         return scores if scores is not None else self._fallback(group)
+
+    @torch.no_grad()
+    def score_cuts(self, cuts: Sequence[Cut]) -> torch.Tensor:
+        """The accumulated ``sum |w * g|`` over everything each unit owns (all cuts), or magnitude without it."""
+        if self._model is None:
+            raise RuntimeError("TaylorImportance was called before `prepare(model)`.")
+        names = ("weight", "bias") if self.bias else ("weight",)
+        parts = []
+        for c in cuts:
+            p = c.tensor
+            if c.param in names and p is not None and p.grad is not None and p.grad.shape == p.shape:
+                parts.append(c.per_unit(p.grad, reduce="sum"))
+        if not parts:
+            return self._fallback.score_cuts(cuts)
+        return torch.stack(parts).sum(0)
 
     def reset(self) -> None:
         """Clear the statistics and the ``.grad`` carriers."""
@@ -421,6 +475,8 @@ class ActivationImportance(Importance):
     def _in_width(module: nn.Module) -> int:
         if isinstance(module, nn.modules.conv._ConvNd):
             return int(module.in_channels)
+        if _linear_like(module):
+            return int(module.weight.shape[0])  # type: ignore[union-attr,index]
         return int(module.in_features)  # type: ignore[arg-type]
 
     @torch.no_grad()
@@ -428,7 +484,9 @@ class ActivationImportance(Importance):
         assert self._model is not None
         model = self._model
         layers = [
-            (n, m) for n, m in model.named_modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))
+            (n, m)
+            for n, m in model.named_modules()
+            if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) or _linear_like(m)
         ]
         sums: dict[nn.Module, torch.Tensor] = {}
 
@@ -503,6 +561,34 @@ class ActivationImportance(Importance):
         scores = reduce_over_group(group, local, how="mean")
         return scores if scores is not None else self._fallback(group)
 
+    @torch.no_grad()
+    def score_cuts(self, cuts: Sequence[Cut]) -> torch.Tensor:
+        """The activation statistic where each unit's channels are read (``in`` cuts), averaged over them."""
+        if self._model is None:
+            raise RuntimeError("ActivationImportance was called before `prepare(model, calibration)`.")
+        readers = [c for c in cuts if c.role == "in" and c.param == "weight" and c.tensor is not None]
+        if any(
+            c.module not in self._stats or self._stats[c.module].numel() != self._in_width(c.module)
+            for c in readers
+        ):
+            self._collect()
+        parts = []
+        for c in readers:
+            stats = self._stats.get(c.module)
+            if stats is None or stats.numel() != self._in_width(c.module):
+                continue
+            w = c.tensor
+            assert w is not None
+            if self.weighted:
+                cols = w.detach().float().transpose(0, c.dim).reshape(w.shape[c.dim], -1)
+                stats = stats * cols.norm(dim=1).cpu()
+            # `stats` is indexed by the reader's input channel, which is the cut's dimension.
+            idx = torch.as_tensor(c.units, dtype=torch.long)
+            parts.append(stats[idx].mean(1))
+        if not parts:
+            return self._fallback.score_cuts(cuts)
+        return torch.stack(parts).mean(0)
+
     def reset(self) -> None:
         """Drop the statistics and the references to the model and calibration inputs."""
         self._stats = {}
@@ -535,6 +621,18 @@ class BNScaleImportance(Importance):
 
         scores = reduce_over_group(group, local, how="mean")
         return scores if scores is not None else self._fallback(group)
+
+    @torch.no_grad()
+    def score_cuts(self, cuts: Sequence[Cut]) -> torch.Tensor:
+        """The mean ``|gamma|`` of the normalisation layers over each unit's channels."""
+        parts = [
+            c.per_unit(c.tensor.abs())
+            for c in cuts
+            if c.role == "norm" and c.param == "weight" and c.tensor is not None
+        ]
+        if not parts:
+            return self._fallback.score_cuts(cuts)
+        return torch.stack(parts).mean(0)
 
 
 # ---------------------------------------------------------------------- combination
@@ -648,6 +746,17 @@ class IntegratedImportance(Importance):
             if w == 0:
                 continue
             part = w * normalise_scores(crit(group).detach().float().cpu(), self.normalizer)
+            total = part if total is None else total + part
+        assert total is not None
+        return total
+
+    def score_cuts(self, cuts: Sequence[Cut]) -> torch.Tensor:
+        """Return the weighted sum of the members' normalised unit scores."""
+        total: torch.Tensor | None = None
+        for crit, w in zip(self.criteria, self.weights, strict=True):
+            if w == 0:
+                continue
+            part = w * normalise_scores(crit.score_cuts(cuts).detach().float().cpu(), self.normalizer)
             total = part if total is None else total + part
         assert total is not None
         return total

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from lightning_hprune.core.graph import ChannelGroup
+from lightning_hprune.core.graph import ChannelGroup, removed_modules
 
 #: Measurement keys an :class:`EventRecord` may hold, in report order.
 MEASURES = ("params", "macs", "latency_ms")
@@ -143,6 +143,8 @@ class Ledger:
         self.level_removed: list[float] = []
         #: The structural steps, appended to by the pruning graph (this very list object is shared).
         self.history: list[dict[str, Any]] = []
+        #: Fingerprints of the model's structure (:func:`structure_fingerprint`): ``"dense"`` and ``"pruned"``.
+        self.structure: dict[str, str] = {}
 
     # ------------------------------------------------------------------ baseline and widths
     @property
@@ -151,9 +153,15 @@ class Ledger:
         return bool(self.baseline)
 
     def start(
-        self, measured: Mapping[str, float], metric: float | None, groups: Sequence[ChannelGroup]
+        self,
+        measured: Mapping[str, float],
+        metric: float | None,
+        groups: Sequence[ChannelGroup],
+        fingerprint: str | None = None,
     ) -> None:
         """Take the baseline: the dense measurements, the metric and every group's original width."""
+        if fingerprint is not None:
+            self.structure = {"dense": fingerprint}
         self.baseline = {f"dense_{k}": float(v) for k, v in measured.items()}
         if metric is not None:
             self.baseline["metric"] = float(metric)
@@ -189,8 +197,10 @@ class Ledger:
         """What each of ``n_levels`` levels removed so far."""
         return [*self.level_removed, *([0.0] * n_levels)][:n_levels]
 
-    def add(self, record: EventRecord) -> None:
+    def add(self, record: EventRecord, fingerprint: str | None = None) -> None:
         """Append an event's record and add what each of its levels removed."""
+        if fingerprint is not None:
+            self.structure["pruned"] = fingerprint
         self.records.append(record)
         if len(self.level_removed) < len(record.levels):
             self.level_removed += [0.0] * (len(record.levels) - len(self.level_removed))
@@ -199,7 +209,7 @@ class Ledger:
 
     def removed_modules(self) -> list[str]:
         """Modules removed whole so far, in order."""
-        return [str(h["module"]) for h in self.history if h.get("op") == "identity"]
+        return removed_modules(self.history)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -211,6 +221,7 @@ class Ledger:
             "records": [asdict(r) for r in self.records],
             "level_removed": list(self.level_removed),
             "history": [dict(h) for h in self.history],
+            "structure": dict(self.structure),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -221,6 +232,7 @@ class Ledger:
         self.records = [_record(r) for r in state.get("records", [])]
         self.level_removed = [float(v) for v in state.get("level_removed", [])]
         self.history[:] = [dict(h) for h in state.get("history", [])]
+        self.structure = {str(k): str(v) for k, v in dict(state.get("structure", {})).items()}
 
 
 def _record(data: Mapping[str, Any]) -> EventRecord:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import abc
 import fnmatch
+import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from functools import cached_property
@@ -119,7 +120,7 @@ class SelectionContext:
         """One raw score per unit of every group (the criterion's channel scores, averaged per head)."""
         if self._importance is None:
             raise ValueError("This SelectionContext was built without a criterion: it has no scores.")
-        return {g.name: g.unit_scores(self._importance(g.group)) for g in self.groups}
+        return {g.name: g.score(self._importance) for g in self.groups}
 
     @cached_property
     def cost(self) -> CostModel:
@@ -145,8 +146,23 @@ class SelectionContext:
         return kind.of_modules(self.model, names, self.example_inputs)
 
     def align(self, group: ChannelGroup) -> int:
-        """Kept widths of ``group`` are multiples of this: ``round_to`` channels, or 1 head."""
-        return group.align if group.align is not None else self.round_to
+        """Kept widths of ``group`` are multiples of this: ``round_to`` channels (and the group's own step), or 1 head."""
+        if group.align is None:
+            return self.round_to
+        return group.align if group.kind == "heads" else math.lcm(group.align, self.round_to)
+
+    def concrete(self, removals: Mapping[str, Sequence[int]]) -> Removals:
+        """What a level's ``{group: units}`` removes, in the graph's terms.
+
+        A tied layout group expands to its slots: every layer loses its own lowest-scoring units (see
+        :mod:`lightning_hprune.core.families`).
+        """
+        by_name = {g.name: g for g in self.groups}
+        out: Removals = {}
+        for name, units in removals.items():
+            group = by_name.get(name)
+            out.update(group.expand(units) if group is not None else {name: [int(u) for u in units]})
+        return out
 
 
 # ---------------------------------------------------------------------- plans
@@ -217,30 +233,49 @@ class ModulePlan(Plan):
         return {}, list(self.modules)
 
 
-def min_keep(original: int, current: int, max_layer_ratio: float, round_to: int) -> int:
-    """The smallest width a group may keep: the cap, aligned up to ``round_to`` (never above ``current``)."""
+Allows = Callable[[int], bool]
+
+
+def _allowed_at_or_above(width: int, ceiling: int, allows: Allows | None) -> int:
+    """The smallest allowed width in ``[width, ceiling]`` (``ceiling`` when none is)."""
+    if allows is None:
+        return width
+    return next((w for w in range(width, ceiling + 1) if allows(w)), ceiling)
+
+
+def min_keep(
+    original: int, current: int, max_layer_ratio: float, round_to: int, allows: Allows | None = None
+) -> int:
+    """The smallest width a group may keep: the cap, aligned up to ``round_to`` (never above ``current``).
+
+    ``allows`` restricts the widths a group may take (``ChannelGroup.allows``: a layout whose config ties its
+    head count to the hidden size, grouped convolutions, ...); the floor is then the next allowed width.
+    """
     floor = max(1, math.ceil(original * (1.0 - max_layer_ratio) - 1e-9))
     floor = max(floor, round_to)
     floor = int(math.ceil(floor / round_to) * round_to)
-    return min(floor, current)
+    return min(_allowed_at_or_above(floor, current, allows), current)
 
 
-def chunk_sizes(current: int, keep_floor: int, round_to: int) -> list[int]:
+def chunk_sizes(current: int, keep_floor: int, round_to: int, allows: Allows | None = None) -> list[int]:
     """Sizes of the removable chunks of a group, smallest-score first.
 
     The first chunk realigns an unaligned width to ``round_to``; every later chunk is ``round_to``
-    channels. The chunks never cut below ``keep_floor``.
+    channels. The chunks never cut below ``keep_floor``. With ``allows``, chunks run between consecutive
+    allowed widths (a chunk may then span several aligned steps).
     """
-    sizes: list[int] = []
+    widths = [current]
     width = current
     first = width % round_to
     if first and width - first >= keep_floor:
-        sizes.append(first)
         width -= first
+        widths.append(width)
     while width - round_to >= keep_floor:
-        sizes.append(round_to)
         width -= round_to
-    return sizes
+        widths.append(width)
+    if allows is not None:
+        widths = [current] + [w for w in widths[1:] if allows(w)]
+    return [a - b for a, b in itertools.pairwise(widths)]
 
 
 def take_cheapest(
@@ -367,7 +402,7 @@ class ChannelLevel(Level):
                 removals = self.select(ctx, budget)
         finally:
             ctx.at_least = minimum
-        return ChannelPlan(removals)
+        return ChannelPlan(ctx.concrete(removals))
 
     @abc.abstractmethod
     def select(self, ctx: SelectionContext, budget: float) -> Removals:
@@ -402,11 +437,11 @@ class GlobalLevel(ChannelLevel):
             norm = normalise(ctx.scores[g.name])
             order = torch.argsort(norm, stable=True)
             floor = min_keep(
-                ctx.original_size.get(g.name, g.size), g.size, self.max_layer_ratio, ctx.align(g)
+                ctx.original_size.get(g.name, g.size), g.size, self.max_layer_ratio, ctx.align(g), g.allows
             )
             start = 0
             running: list[int] = []
-            for size in chunk_sizes(g.size, floor, ctx.align(g)):
+            for size in chunk_sizes(g.size, floor, ctx.align(g), g.allows):
                 idxs = order[start : start + size].tolist()
                 start += size
                 running = running + idxs
@@ -445,19 +480,31 @@ class UniformLevel(ChannelLevel):
         removals: Removals = {}
         for g in ctx.groups:
             k = ratio_removal(
-                g.size, ratio, ctx.original_size.get(g.name, g.size), self.max_layer_ratio, ctx.align(g)
+                g.size,
+                ratio,
+                ctx.original_size.get(g.name, g.size),
+                self.max_layer_ratio,
+                ctx.align(g),
+                g.allows,
             )
             if k:
                 removals[g.name] = lowest(ctx.scores[g.name], k)
         return removals
 
 
-def ratio_removal(current: int, ratio: float, original: int, max_layer_ratio: float, round_to: int) -> int:
+def ratio_removal(
+    current: int,
+    ratio: float,
+    original: int,
+    max_layer_ratio: float,
+    round_to: int,
+    allows: Allows | None = None,
+) -> int:
     """How many channels to remove from a group of width ``current`` for ``ratio``, aligned and capped."""
-    floor = min_keep(original, current, max_layer_ratio, round_to)
+    floor = min_keep(original, current, max_layer_ratio, round_to, allows)
     keep = current - math.floor(ratio * current + 1e-9)
     keep = int(math.ceil(keep / round_to) * round_to) if keep > 0 else round_to
-    keep = max(keep, floor)
+    keep = _allowed_at_or_above(max(keep, floor), current, allows)
     return max(0, current - keep)
 
 
@@ -466,11 +513,22 @@ def lowest(scores: torch.Tensor, k: int) -> list[int]:
     return sorted(torch.argsort(scores.float(), stable=True)[:k].tolist())
 
 
-def aligned_keep(original: int, ratio: float, floor: int, round_to: int) -> int:
-    """Width to keep when a group loses ``ratio`` of its ``original`` width: aligned up, never under ``floor``."""
+def aligned_keep(
+    original: int,
+    ratio: float,
+    floor: int,
+    round_to: int,
+    allows: Allows | None = None,
+    ceiling: int | None = None,
+) -> int:
+    """Width to keep when a group loses ``ratio`` of its ``original`` width: aligned up, never under ``floor``.
+
+    With ``allows``, the next allowed width at or above it (up to ``ceiling``, default ``original``).
+    """
     keep = original * (1.0 - ratio)
     keep_aligned = int(math.ceil(keep / round_to - 1e-9) * round_to)
-    return max(floor, keep_aligned, 1)
+    width = max(floor, keep_aligned, 1)
+    return _allowed_at_or_above(width, ceiling if ceiling is not None else max(original, width), allows)
 
 
 def _check_pattern_mapping(
@@ -630,11 +688,12 @@ class LayerLevel(ChannelLevel):
         counts: dict[str, int] = {}
         by_name = {g.name: g for g in ctx.groups}
         for name, weight in self.weights(ctx.groups, self.mapping(ctx)).items():
-            current, align = by_name[name].size, ctx.align(by_name[name])
+            group = by_name[name]
+            current, align = group.size, ctx.align(group)
             original = ctx.original_size.get(name, current)
             ratio = min(self.max_layer_ratio, scale * weight)
-            floor = min_keep(original, current, self.max_layer_ratio, align)
-            k = current - aligned_keep(original, ratio, floor, align)
+            floor = min_keep(original, current, self.max_layer_ratio, align, group.allows)
+            k = current - aligned_keep(original, ratio, floor, align, group.allows, ceiling=current)
             if k > 0:
                 counts[name] = k
         return counts
@@ -748,14 +807,15 @@ class UnitLevel(ChannelLevel):
                 continue
             original = ctx.original_size.get(g.name, g.size)
             align = ctx.align(g)
-            floor = min_keep(original, g.size, self.max_layer_ratio, align)
+            floor = min_keep(original, g.size, self.max_layer_ratio, align, g.allows)
             keep = max(floor, int(math.ceil((g.size - eligible) / align) * align))
+            keep = _allowed_at_or_above(keep, g.size, g.allows)
             if keep >= g.size:
                 continue
             norm = normalise(raw)
             order = torch.argsort(raw, stable=True)
             start = 0
-            for size in chunk_sizes(g.size, keep, align):
+            for size in chunk_sizes(g.size, keep, align, g.allows):
                 idxs = order[start : start + size].tolist()
                 start += size
                 candidates.append((float(norm[order[:start]].mean()), g.name, idxs))
@@ -827,7 +887,7 @@ class WindowLevel(ChannelLevel):
             per_chunk = step // window
             norm = normalise(ctx.scores[g.name])
             original = ctx.original_size.get(g.name, g.size)
-            floor = min_keep(original, g.size, self.max_layer_ratio, step)
+            floor = min_keep(original, g.size, self.max_layer_ratio, step, g.allows)
             width = g.size
             realign: list[int] = []
             key = -math.inf
@@ -841,13 +901,18 @@ class WindowLevel(ChannelLevel):
                 width -= r
             windows = sorted(self._windows(g.size, window, realign), key=lambda w: self._score(norm[w]))
             taken: list[float] = []
+            pending: list[int] = []  # windows of a chunk waiting for an allowed width
             for c in range(0, len(windows) - per_chunk + 1, per_chunk):
                 if width - step < floor:
                     break
                 chunk = windows[c : c + per_chunk]
                 taken.extend(self._score(norm[w]) for w in chunk)
+                pending += [i for w in chunk for i in w]
+                width -= step
+                if not g.allows(width):
+                    continue
                 # Keys never decrease within a group, so a group's chunks are taken in order.
                 key = max(key, sum(taken) / len(taken))
-                candidates.append((key, g.name, [i for w in chunk for i in w]))
-                width -= step
+                candidates.append((key, g.name, pending))
+                pending = []
         return take_cheapest(candidates, ctx, budget)

@@ -148,11 +148,11 @@ def measure_sensitivity(
         k = min(g.size - 1, max(1, math.floor(fraction * g.size)))
         if k < 1:
             continue
-        scores = g.unit_scores(importance(g.group))
+        scores = g.score(importance)
         idxs = sorted(torch.argsort(scores.float(), stable=True)[:k].tolist())
         snapshot = Snapshot(graph.model, history=graph.history)
         try:
-            graph.prune({g.name: idxs})
+            graph.prune(g.expand(idxs))
             value = float(evaluate(graph.model))
         finally:
             snapshot.restore()

@@ -39,7 +39,7 @@ from lightning_hprune.core.graph import (
 from lightning_hprune.core.importance import Importance, Reduce, resolve_importance
 from lightning_hprune.core.ledger import EventRecord, Ledger
 from lightning_hprune.core.levels import Agree, Level
-from lightning_hprune.core.measure import measure_latency
+from lightning_hprune.core.measure import measure_latency, structure_fingerprint
 from lightning_hprune.core.schedules import EventSchedule
 from lightning_hprune.core.sensitivity import SensitivityAnalysis, measure_sensitivity
 from lightning_hprune.core.undo import Snapshot
@@ -181,6 +181,8 @@ class PruningSession:
         measure_latency: measure forward latency at each event.
         latency_batch_size: batch size of the latency measurement.
         sensitivity: a one-time sensitivity analysis before the first event, or ``None``.
+        uniform_widths: for models of a known layout (Hugging Face transformers), keep one width per kind
+            across layers (what a plain ``from_pretrained`` config describes); ``False`` prunes layers apart.
 
     """
 
@@ -201,6 +203,7 @@ class PruningSession:
         measure_latency: bool = True,
         latency_batch_size: int = 32,
         sensitivity: SensitivityAnalysis | None = None,
+        uniform_widths: bool = True,
     ) -> None:
         levels = list(levels)
         if not levels or not all(isinstance(lv, Level) for lv in levels):
@@ -239,6 +242,9 @@ class PruningSession:
                 f"Expected argument `sensitivity` to be a `SensitivityAnalysis` or None, but got {sensitivity!r}."
             )
         self.sensitivity = sensitivity
+        if not isinstance(uniform_widths, bool):
+            raise ValueError(f"Expected argument `uniform_widths` to be a bool, but got {uniform_widths!r}.")
+        self.uniform_widths = uniform_widths
         self.ledger = Ledger()
         self.decisions = DecisionLog()
         self.example_input: Any = None
@@ -280,6 +286,7 @@ class PruningSession:
             "measure_latency": repr(self.measure_latency),
             "latency_batch_size": repr(self.latency_batch_size),
             "sensitivity": repr(self.sensitivity),
+            "uniform_widths": repr(self.uniform_widths),
         }
 
     def use_example_input(self, example: Any) -> None:
@@ -315,7 +322,11 @@ class PruningSession:
                 "Expected the session to have an example input before building the graph, but got None."
             )
         graph = PruningGraph(
-            model, self.example_input, self.ignored_modules(model), history=self.ledger.history
+            model,
+            self.example_input,
+            self.ignored_modules(model),
+            history=self.ledger.history,
+            uniform=self.uniform_widths,
         )
         if self.ledger.history and not self._applied(graph):
             # Resumed without the module hook (state loaded by hand into a fresh model): rebuild the structure.
@@ -338,6 +349,18 @@ class PruningSession:
 
     def _applied(self, graph: PruningGraph) -> bool:
         """Whether ``graph``'s model already has the recorded structure (steps apply in order, all or none)."""
+        known = self.ledger.structure
+        if known.get("pruned") or known.get("dense"):
+            now = structure_fingerprint(graph.model)
+            if now == known.get("pruned"):
+                return True
+            if now == known.get("dense"):
+                return False
+            raise PruningError(
+                f"{type(graph.model).__name__} has neither the dense nor the pruned structure recorded in the pruning "
+                "state (another architecture or size?): the recorded history cannot be replayed on it."
+            )
+        # States of the first release carry no fingerprint: judge by the first recorded step.
         first = self.ledger.history[0]
         module = str(first.get("module"))
         if first.get("op") == "identity":
@@ -446,7 +469,7 @@ class PruningSession:
         """Stage 1: what each level owes at this event. The first event takes the baseline first."""
         graph = self.attach(model)
         if not self.ledger.started:
-            self.ledger.start(self.measure(model), metric, graph.groups())
+            self.ledger.start(self.measure(model), metric, graph.groups(), structure_fingerprint(model))
         k = self.schedule.position
         shares = [(lv.share, lv.schedule) for lv in self._levels]
         fractions = self.schedule.level_fractions(shares, self.target, k)
@@ -527,7 +550,7 @@ class PruningSession:
             metric=metric,
             retained=(metric / base if base else math.nan) if metric is not None else None,
         )
-        self.ledger.add(record)
+        self.ledger.add(record, structure_fingerprint(model))
         self.calibration.clear()
         self.schedule.advance()
         reason = f"event {plan.index}: {record.removed:.1%} of {cost} removed so far"

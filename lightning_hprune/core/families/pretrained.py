@@ -1,0 +1,105 @@
+"""Keeping a pruned Hugging Face model loadable by plain ``from_pretrained`` (or saying why it is not).
+
+:func:`config_mismatches` lists what a model's config says that its modules contradict; while the layers have
+different widths (``uniform_widths=False``), :func:`guard_save_pretrained` makes the model's own
+``save_pretrained`` refuse with a message saying why and what to use instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.nn as nn
+
+
+class PerLayerWidthsError(RuntimeError):
+    """A model whose config cannot describe its modules cannot be saved for plain ``from_pretrained``."""
+
+
+def find_pretrained(model: nn.Module) -> tuple[str, nn.Module]:
+    """The outermost Hugging Face ``PreTrainedModel`` inside ``model`` (``model`` itself included), with its name.
+
+    Raises:
+        ValueError: there is none.
+
+    """
+    for name, module in model.named_modules():
+        if (
+            hasattr(module, "save_pretrained")
+            and hasattr(module, "config")
+            and hasattr(module, "base_model_prefix")
+        ):
+            return name, module
+    raise ValueError(
+        f"Expected {type(model).__name__} to hold a Hugging Face `PreTrainedModel` (with `config` and "
+        "`save_pretrained`), but found none among its modules."
+    )
+
+
+def config_mismatches(model: nn.Module) -> list[str]:
+    """What the config says that the modules contradict (empty: the config is true, or the layout is unknown)."""
+    from lightning_hprune.core.families import TransformerFamily, detect
+
+    family = detect(model)
+    if not isinstance(family, TransformerFamily):
+        return []
+    config, problems = family.config, []
+    layers = family._read()
+    expect = {"num_hidden_layers": len(layers), "hidden_size": family.hidden_size()}
+    if len({lay.heads for lay in layers}) == 1:
+        expect["num_attention_heads"] = layers[0].heads
+    if family.layout.kv_key and len({lay.kv for lay in layers}) == 1:
+        expect[family.layout.kv_key] = layers[0].kv
+    if (
+        len({lay.ffn for lay in layers}) == 1
+        and getattr(config, family.layout.intermediate_key, None) is not None
+    ):
+        expect[family.layout.intermediate_key] = layers[0].ffn
+    if not family.uniform(model):
+        problems.append(
+            "layers have different widths: "
+            + ", ".join(f"{lay.name}: {lay.heads} heads, {lay.kv} kv, FFN {lay.ffn}" for lay in layers[:4])
+        )
+    for key, value in expect.items():
+        if getattr(config, key, None) != value:
+            problems.append(f"config.{key}={getattr(config, key, None)!r} but the modules have {value!r}")
+    return problems
+
+
+def refusal(name: str, problems: list[str]) -> str:
+    """The message of a refused ``save_pretrained``."""
+    return (
+        f"Cannot save {name} for plain `from_pretrained`: its config cannot describe its modules ("
+        + "; ".join(problems)
+        + "). Prune with `uniform_widths=True` (the default: one width per kind across layers) to keep a loadable "
+        "config, or save a Lightning checkpoint and reload it with `lightning_hprune.load_pruned(...)`."
+    )
+
+
+class RefusingSave:
+    """Stands in for a model's ``save_pretrained`` while its config cannot describe it."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.original = type(model).save_pretrained.__get__(model)  # type: ignore[attr-defined]
+        self.model_name = type(model).__name__
+        self._model = model
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Refuse while the config cannot describe the model; save as usual when it can."""
+        problems = config_mismatches(self._model)
+        if problems:
+            raise PerLayerWidthsError(refusal(self.model_name, problems))
+        return self.original(*args, **kwargs)
+
+    def __reduce__(self) -> Any:
+        return (RefusingSave, (self._model,))
+
+
+def guard_save_pretrained(model: nn.Module) -> None:
+    """Make the Hugging Face model's own ``save_pretrained`` refuse while its config cannot describe it."""
+    try:
+        _, hf = find_pretrained(model)
+    except ValueError:
+        return
+    if not isinstance(hf.__dict__.get("save_pretrained"), RefusingSave):
+        hf.__dict__["save_pretrained"] = RefusingSave(hf)

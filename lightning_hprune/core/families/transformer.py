@@ -1,0 +1,603 @@
+"""Hugging Face transformers, pruned by their known structure: layers, heads, key/value groups, FFN, hidden size.
+
+One generic :class:`TransformerFamily` reads a declarative :class:`Layout` (where each projection, norm and
+embedding lives) and builds the slots of a model as it is now:
+
+* ``<layer>:kv`` — whole key/value groups of a layer (for multi-head attention, where every head has its own
+  keys and values, these are the heads): the key and value rows of the group, the query rows and output
+  columns of the query heads that share it;
+* ``<layer>:heads:<g>`` — the query heads that share key/value group ``g`` (grouped-query attention only);
+  removing the same number from every group keeps ``num_attention_heads % num_key_value_heads == 0``;
+* ``<layer>:ffn`` — the FFN width: the rows of every up projection (``gate`` and ``up`` coupled, fused
+  ``gate_up_proj`` included) and the columns of the down projection;
+* ``hidden`` — the residual stream: embeddings, every norm, every projection's input or output, the
+  output head (a tied output embedding is cut once and stays tied).
+
+Heads are never cut through and ``head_dim`` (hence the rotary dimensions) never changes. Models that derive
+their head size as ``hidden_size / num_attention_heads`` (BERT, GPT-2) can only keep a plain
+``from_pretrained``-loadable config if the hidden size shrinks with the head count, so in uniform mode a head
+there takes ``head_dim`` hidden channels with it (and the hidden size is not pruned on its own).
+Layers are removed from the layer list; ``layer_idx`` (used by key/value caches), ``num_hidden_layers`` and
+``layer_types`` follow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch.nn as nn
+
+from lightning_hprune.core.cuts import Cut
+from lightning_hprune.core.families.base import Family, FamilyGroup, Slot, fix_attributes
+from lightning_hprune.core.families.pretrained import guard_save_pretrained
+from lightning_hprune.core.graph import PruningError
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a transformer keeps its parts. Paths inside a layer are relative to it; ``{base}`` is the base model.
+
+    Attributes:
+        model_types: the ``config.model_type`` values this layout describes.
+        layers: the layer list.
+        attention: the attention module.
+        q, k, v: the query/key/value projections (the same path three times: fused ``[q | k | v]``).
+        o: the attention's output projection.
+        up: the FFN's input projections (``gate`` and ``up``; the same path twice: fused ``[gate | up]``).
+        down: the FFN's output projection.
+        norms: the layer's norms over the hidden size.
+        head_dim_key: the config key of the head size; ``None`` when the model derives it from
+            ``hidden_size / num_attention_heads``.
+        kv_key: the config key of the key/value head count (``None``: one per query head).
+        intermediate_key: the config key of the FFN width.
+        heads_from_config: the attention's forward reads the head count from the config (every layer must
+            keep the same count).
+        heads_divide_hidden: the config refuses a hidden size that is not a multiple of the head count
+            (``LlamaConfig``): in uniform mode head counts stay divisors of the current one and the hidden size a
+            multiple of it.
+        attention_attrs: sets the attention module's own head attributes: ``f(module, heads, kv_heads, head_dim)``.
+
+    """
+
+    model_types: tuple[str, ...]
+    layers: str
+    attention: str
+    q: str
+    k: str
+    v: str
+    o: str
+    up: tuple[str, ...]
+    down: str
+    norms: tuple[str, ...]
+    head_dim_key: str | None = "head_dim"
+    kv_key: str | None = "num_key_value_heads"
+    intermediate_key: str = "intermediate_size"
+    heads_from_config: bool = False
+    heads_divide_hidden: bool = False
+    attention_attrs: Callable[[nn.Module, int, int, int], None] | None = None
+    head_size_attrs: tuple[str, ...] = ("head_dim",)
+
+    def fused_qkv(self) -> bool:
+        """Whether q, k and v come from one projection."""
+        return self.q == self.k == self.v
+
+    def fused_up(self) -> bool:
+        """Whether the FFN's input projections are one fused projection."""
+        return len(self.up) > 1 and len(set(self.up)) == 1
+
+
+def _llama_attrs(attn: nn.Module, heads: int, kv: int, head_dim: int) -> None:
+    attn.num_key_value_groups = heads // kv  # type: ignore[assignment]
+    if hasattr(attn, "num_key_value_heads"):
+        attn.num_key_value_heads = kv  # type: ignore[assignment]
+    if hasattr(attn, "num_heads"):
+        attn.num_heads = heads  # type: ignore[assignment]
+
+
+def _gpt2_attrs(attn: nn.Module, heads: int, kv: int, head_dim: int) -> None:
+    attn.num_heads = heads  # type: ignore[assignment]
+    attn.split_size = heads * head_dim  # type: ignore[assignment]
+
+
+def _bert_attrs(attn: nn.Module, heads: int, kv: int, head_dim: int) -> None:
+    attn.num_attention_heads = heads  # type: ignore[assignment]
+    attn.all_head_size = heads * head_dim  # type: ignore[assignment]
+
+
+LLAMA = Layout(
+    model_types=("llama",),
+    layers="{base}layers",
+    attention="self_attn",
+    q="self_attn.q_proj",
+    k="self_attn.k_proj",
+    v="self_attn.v_proj",
+    o="self_attn.o_proj",
+    up=("mlp.gate_proj", "mlp.up_proj"),
+    down="mlp.down_proj",
+    norms=("input_layernorm", "post_attention_layernorm"),
+    heads_divide_hidden=True,
+    attention_attrs=_llama_attrs,
+)
+MISTRAL_QWEN = Layout(
+    model_types=("mistral", "qwen2", "qwen3"),
+    layers="{base}layers",
+    attention="self_attn",
+    q="self_attn.q_proj",
+    k="self_attn.k_proj",
+    v="self_attn.v_proj",
+    o="self_attn.o_proj",
+    up=("mlp.gate_proj", "mlp.up_proj"),
+    down="mlp.down_proj",
+    norms=("input_layernorm", "post_attention_layernorm"),
+    attention_attrs=_llama_attrs,
+)
+PHI3 = Layout(
+    model_types=("phi3",),
+    layers="{base}layers",
+    attention="self_attn",
+    q="self_attn.qkv_proj",
+    k="self_attn.qkv_proj",
+    v="self_attn.qkv_proj",
+    o="self_attn.o_proj",
+    up=("mlp.gate_up_proj", "mlp.gate_up_proj"),
+    down="mlp.down_proj",
+    norms=("input_layernorm", "post_attention_layernorm"),
+    heads_from_config=True,
+    attention_attrs=_llama_attrs,
+)
+GPT2 = Layout(
+    model_types=("gpt2",),
+    layers="{base}h",
+    attention="attn",
+    q="attn.c_attn",
+    k="attn.c_attn",
+    v="attn.c_attn",
+    o="attn.c_proj",
+    up=("mlp.c_fc",),
+    down="mlp.c_proj",
+    norms=("ln_1", "ln_2"),
+    head_dim_key=None,
+    kv_key=None,
+    intermediate_key="n_inner",
+    attention_attrs=_gpt2_attrs,
+)
+BERT = Layout(
+    model_types=("bert", "roberta", "electra", "xlm-roberta", "camembert"),
+    layers="{base}encoder.layer",
+    attention="attention.self",
+    q="attention.self.query",
+    k="attention.self.key",
+    v="attention.self.value",
+    o="attention.output.dense",
+    up=("intermediate.dense",),
+    down="output.dense",
+    norms=("attention.output.LayerNorm", "output.LayerNorm"),
+    head_dim_key=None,
+    kv_key=None,
+    attention_attrs=_bert_attrs,
+    head_size_attrs=("attention_head_size",),
+)
+LAYOUTS: tuple[Layout, ...] = (LLAMA, MISTRAL_QWEN, PHI3, GPT2, BERT)
+
+
+def _get(model: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(path) if path else model
+    except AttributeError:
+        return None
+
+
+@dataclass
+class _Layer:
+    """One layer as it is now."""
+
+    name: str
+    module: nn.Module
+    heads: int
+    kv: int
+    head_dim: int
+    ffn: int
+
+
+@dataclass
+class TransformerFamily(Family):
+    """A Hugging Face transformer described by a :class:`Layout` (see the module docstring)."""
+
+    layout: Layout
+    prefix: str  # the Hugging Face model's name inside the pruned model ("" when it is the model)
+    base: str  # the base model's name relative to the Hugging Face model ("model.", "bert.", "" ...)
+    hf: nn.Module
+    name: str = "transformer"
+    #: Groups left out, and why (a module reading the hidden size that the layout does not know, ...).
+    protected: dict[str, str] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ detection
+    @classmethod
+    def detect(cls, model: nn.Module) -> TransformerFamily | None:
+        """The outermost Hugging Face model with a known ``config.model_type``, if any."""
+        for name, module in model.named_modules():
+            config = getattr(module, "config", None)
+            model_type = getattr(config, "model_type", None)
+            if not isinstance(model_type, str) or not hasattr(module, "base_model_prefix"):
+                continue
+            layout = next((lay for lay in LAYOUTS if model_type in lay.model_types), None)
+            if layout is None:
+                return None
+            prefix = getattr(module, "base_model_prefix", "")
+            base = f"{prefix}." if prefix and prefix in module._modules else ""
+            if _get(module, layout.layers.format(base=base)) is None:
+                return None
+            return cls(
+                layout=layout, prefix=f"{name}." if name else "", base=base, hf=module, name=model_type
+            )
+        return None
+
+    # ------------------------------------------------------------------ reading the structure
+    @property
+    def config(self) -> Any:
+        """The Hugging Face config."""
+        return self.hf.config
+
+    def _abs(self, rel: str) -> str:
+        return f"{self.prefix}{rel}"
+
+    def _layer_list(self) -> nn.ModuleList:
+        layers = _get(self.hf, self.layout.layers.format(base=self.base))
+        assert isinstance(layers, nn.ModuleList)
+        return layers
+
+    def layers(self, model: nn.Module) -> list[str]:
+        """Absolute names of the layers, in order."""
+        path = self._abs(self.layout.layers.format(base=self.base))
+        return [f"{path}.{i}" for i in range(len(self._layer_list()))]
+
+    def _head_dim(self, layer: nn.Module) -> int:
+        attn = layer.get_submodule(self.layout.attention)
+        for attr in self.layout.head_size_attrs:
+            value = getattr(attn, attr, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        raise PruningError(
+            f"Cannot read the head size of {type(attn).__name__} ({self.layout.head_size_attrs})."
+        )
+
+    @staticmethod
+    def _out_width(module: nn.Module) -> int:
+        w = module._parameters["weight"]
+        assert w is not None
+        return int(w.shape[_dim(module, "out")])
+
+    @staticmethod
+    def _in_width(module: nn.Module) -> int:
+        w = module._parameters["weight"]
+        assert w is not None
+        return int(w.shape[_dim(module, "in")])
+
+    def _read(self) -> list[_Layer]:
+        lay = self.layout
+        out = []
+        base = self._abs(lay.layers.format(base=self.base))
+        for i, layer in enumerate(self._layer_list()):
+            hd = self._head_dim(layer)
+            q_width = self._out_width(layer.get_submodule(lay.q))
+            if lay.fused_qkv():
+                heads = int(self._in_width(layer.get_submodule(lay.o))) // hd
+                kv = heads if lay.kv_key is None else (q_width // hd - heads) // 2
+            else:
+                heads = q_width // hd
+                kv = self._out_width(layer.get_submodule(lay.k)) // hd
+            ffn = self._in_width(layer.get_submodule(lay.down))
+            out.append(_Layer(name=f"{base}.{i}", module=layer, heads=heads, kv=kv, head_dim=hd, ffn=ffn))
+        return out
+
+    def hidden_size(self) -> int:
+        """The residual stream's width, read from the first layer's first norm."""
+        layer = self._layer_list()[0]
+        w = layer.get_submodule(self.layout.norms[0])._parameters["weight"]
+        assert w is not None
+        return int(w.shape[0])
+
+    def uniform(self, model: nn.Module) -> bool:
+        """Whether every layer has the same head, key/value and FFN widths."""
+        layers = self._read()
+        return len({(lay.heads, lay.kv, lay.ffn) for lay in layers}) <= 1
+
+    # ------------------------------------------------------------------ cuts
+    @staticmethod
+    def _proj_cuts(name: str, module: nn.Module, role: str, units: Sequence[Sequence[int]]) -> list[Cut]:
+        """Cuts of a projection's output rows (``role="out"``, with the bias) or input columns (``"in"``)."""
+        u = tuple(tuple(x) for x in units)
+        cuts = [Cut(module, name, "weight", _dim(module, role), role, u)]
+        if role == "out" and module._parameters.get("bias") is not None:
+            cuts.append(Cut(module, name, "bias", 0, role, u))
+        return cuts
+
+    def _layer_slots(self, lay: _Layer) -> list[Slot]:
+        layout, hd, n_rep = self.layout, lay.head_dim, lay.heads // lay.kv
+        m = lay.module
+
+        def path(rel: str) -> tuple[str, nn.Module]:
+            return f"{lay.name}.{rel}", m.get_submodule(rel)
+
+        q_name, q = path(layout.q)
+        k_name, k = path(layout.k)
+        v_name, v = path(layout.v)
+        o_name, o = path(layout.o)
+        q_off, k_off, v_off = 0, 0, 0
+        if layout.fused_qkv():
+            k_off, v_off = lay.heads * hd, (lay.heads + lay.kv) * hd
+        attn = f"{lay.name}.{layout.attention}"
+        slots = []
+        # whole key/value groups (the heads themselves for multi-head attention)
+        group_q = [[q_off + g * n_rep * hd + t for t in range(n_rep * hd)] for g in range(lay.kv)]
+        group_kv = [[g * hd + t for t in range(hd)] for g in range(lay.kv)]
+        cuts = self._proj_cuts(q_name, q, "out", group_q)
+        cuts += self._proj_cuts(k_name, k, "out", [[k_off + i for i in u] for u in group_kv])
+        cuts += self._proj_cuts(v_name, v, "out", [[v_off + i for i in u] for u in group_kv])
+        cuts += self._proj_cuts(o_name, o, "in", [[i - q_off for i in u] for u in group_q])
+        slots.append(Slot(f"{lay.name}:kv", lay.kv, tuple(cuts), core=((attn, 1.0 / lay.kv),)))
+        # query heads inside each key/value group
+        if n_rep > 1:
+            for g in range(lay.kv):
+                heads = [[q_off + (g * n_rep + r) * hd + t for t in range(hd)] for r in range(n_rep)]
+                cuts = self._proj_cuts(q_name, q, "out", heads)
+                cuts += self._proj_cuts(o_name, o, "in", [[i - q_off for i in u] for u in heads])
+                slots.append(
+                    Slot(f"{lay.name}:heads:{g}", n_rep, tuple(cuts), core=((attn, 1.0 / lay.heads),))
+                )
+        # FFN width
+        up_cuts: list[Cut] = []
+        if layout.fused_up():
+            name, module = path(layout.up[0])
+            for j in range(len(layout.up)):
+                up_cuts += self._proj_cuts(name, module, "out", [[j * lay.ffn + c] for c in range(lay.ffn)])
+        else:
+            for rel in layout.up:
+                name, module = path(rel)
+                up_cuts += self._proj_cuts(name, module, "out", [[c] for c in range(lay.ffn)])
+        d_name, d = path(layout.down)
+        up_cuts += self._proj_cuts(d_name, d, "in", [[c] for c in range(lay.ffn)])
+        slots.append(Slot(f"{lay.name}:ffn", lay.ffn, tuple(up_cuts)))
+        return slots
+
+    def _hidden_slot(self, layers: Sequence[_Layer], model: nn.Module | None = None) -> Slot | None:
+        layout, width = self.layout, self.hidden_size()
+        units = tuple((c,) for c in range(width))
+        cuts: list[Cut] = []
+        covered: set[int] = set()
+
+        def add(name: str, module: nn.Module, role: str) -> None:
+            if role in ("out", "in"):
+                cuts.extend(self._proj_cuts(name, module, role, units))
+            elif role == "embed":
+                cuts.append(Cut(module, name, "weight", 1, role, units))
+            else:  # norm
+                for pname in ("weight", "bias"):
+                    if module._parameters.get(pname) is not None:
+                        cuts.append(Cut(module, name, pname, 0, role, units))
+            covered.update(id(p) for p in module.parameters(recurse=False))
+
+        for lay in layers:
+            m = lay.module
+            readers = [layout.q] if layout.fused_qkv() else [layout.q, layout.k, layout.v]
+            readers += list(dict.fromkeys(layout.up))
+            for rel in readers:
+                add(f"{lay.name}.{rel}", m.get_submodule(rel), "in")
+            for rel in (layout.o, layout.down):
+                add(f"{lay.name}.{rel}", m.get_submodule(rel), "out")
+            for rel in layout.norms:
+                add(f"{lay.name}.{rel}", m.get_submodule(rel), "norm")
+        # Outside the layers, in the whole pruned model (a head of the user's around the Hugging Face model
+        # included): embeddings, norms, linear layers are found by shape; nothing else may use `width`.
+        root = model if model is not None else self.hf
+        root_prefix = "" if model is not None else self.prefix
+        inside = {id(p) for lay in layers for p in lay.module.parameters()}
+        for name, module in root.named_modules():
+            own = [p for p in module.parameters(recurse=False) if id(p) not in inside]
+            if not own:
+                continue
+            full = f"{root_prefix}{name}"
+            w = module._parameters.get("weight")
+            if isinstance(module, nn.Embedding) and w is not None and w.shape[1] == width:
+                add(full, module, "embed")
+            elif _is_norm(module) and w is not None and w.dim() == 1 and w.shape[0] == width:
+                add(full, module, "norm")
+            elif (isinstance(module, nn.Linear) or _conv1d(module)) and w is not None:
+                if w.shape[_dim(module, "in")] == width:
+                    add(full, module, "in")
+                if w.shape[_dim(module, "out")] == width:
+                    add(full, module, "out")
+        # Layers of the known kinds were sorted above by the position of `width` in their weights (an embedding
+        # of 64 positions is not a reader of a hidden size of 64); any other module using `width` is unknown.
+        known = (nn.Linear, nn.Embedding, nn.LayerNorm)
+        unknown = [
+            f"{n}.{pn}"
+            for n, mod in root.named_modules()
+            if not isinstance(mod, known) and not _conv1d(mod) and not _is_norm(mod)
+            for pn, p in mod.named_parameters(recurse=False)
+            if id(p) not in covered and width in p.shape
+        ]
+        if unknown:
+            self.protected["hidden"] = (
+                f"{unknown[:3]} use the hidden size but the {self.name} layout does not name them"
+            )
+            return None
+        return Slot("hidden", width, tuple(cuts))
+
+    def slots(self, model: nn.Module) -> dict[str, Slot]:
+        """Every slot, by name."""
+        layers = self._read()
+        out = {s.name: s for lay in layers for s in self._layer_slots(lay)}
+        hidden = self._hidden_slot(layers, model)
+        if hidden is not None:
+            out[hidden.name] = hidden
+        return out
+
+    # ------------------------------------------------------------------ groups
+    def groups(self, model: nn.Module, uniform: bool, ignored: Sequence[nn.Module] = ()) -> list[FamilyGroup]:
+        """The layout groups (see the module docstring); groups whose output layers are ignored are left out."""
+        layers = self._read()
+        if uniform and not self.uniform(model):
+            raise PruningError(
+                f"The {self.name} model has per-layer widths (heads/FFN differ between layers), which uniform "
+                "pruning cannot tie: prune it with `uniform_widths=False`."
+            )
+        self.protected.clear()
+        per_layer = {lay.name: self._layer_slots(lay) for lay in layers}
+        hidden = self._hidden_slot(layers, model)
+        derived = self.layout.head_dim_key is None
+        specs: list[tuple[str, str, list[Slot]]] = []  # (name, kind, slots)
+        tie_heads = uniform or self.layout.heads_from_config
+        if derived and uniform and hidden is None:
+            # The config derives the head size from hidden_size / num_attention_heads: heads cannot go alone.
+            self.protected["heads"] = (
+                "the head size is hidden_size / num_attention_heads, and the hidden size is protected"
+            )
+            tie_heads = False
+            per_layer = {k: [s for s in v if s.name.endswith(":ffn")] for k, v in per_layer.items()}
+        if tie_heads:
+            kv = [s for slots in per_layer.values() for s in slots if s.name.endswith(":kv")]
+            q = [s for slots in per_layer.values() for s in slots if ":heads:" in s.name]
+            if derived and uniform and hidden is not None:
+                hd = layers[0].head_dim
+                kv = [*kv, Slot(hidden.name, hidden.size, hidden.cuts, per_unit=hd)]
+            specs.append(("kv" if q else "heads", "heads", kv))
+            if q:
+                specs.append(("heads", "heads", q))
+        for lay in layers:
+            slots = per_layer[lay.name]
+            if not tie_heads and slots[0].name.endswith(":kv"):
+                specs.append((f"{lay.name}:kv", "heads", [slots[0]]))
+                q = [s for s in slots if ":heads:" in s.name]
+                if q:
+                    specs.append((f"{lay.name}:heads", "heads", q))
+        ffn = [s for slots in per_layer.values() for s in slots if s.name.endswith(":ffn")]
+        if uniform:
+            specs.append(("ffn", "channels", ffn))
+        else:
+            specs += [(s.name, "channels", [s]) for s in ffn]
+        if hidden is not None and not (derived and uniform):
+            specs.append(("hidden", "channels", [hidden]))
+        allowed: dict[str, tuple[int, ...]] = {}
+        step: dict[str, int] = {}
+        if uniform and self.layout.heads_divide_hidden and layers:
+            first = layers[0]
+            n_rep = first.heads // first.kv
+            kv_name = "kv" if n_rep > 1 else "heads"
+            allowed[kv_name] = tuple(d for d in range(1, first.kv + 1) if first.kv % d == 0)
+            if n_rep > 1:
+                allowed["heads"] = tuple(d for d in range(1, n_rep + 1) if n_rep % d == 0)
+            step["hidden"] = first.heads
+        ignored_ids = {id(m) for m in ignored}
+        out = []
+        for name, kind, slots in specs:
+            touched = {id(c.module) for s in slots for c in s.cuts if c.role in ("out", "norm", "embed")}
+            if touched & ignored_ids:
+                self.protected[name] = "an ignored layer's output width would change"
+                continue
+            size = min(s.size // s.per_unit for s in slots)
+            modules = tuple(dict.fromkeys(c.name for s in slots for c in s.cuts))
+            out.append(
+                FamilyGroup(
+                    name=name,
+                    size=size,
+                    modules=modules,
+                    group=None,
+                    units=() if kind == "heads" else None,
+                    outputs=tuple(s.name for s in slots),
+                    slots=tuple(slots),
+                    allowed=allowed.get(name),
+                    step=step.get(name),
+                )
+            )
+        return out
+
+    # ------------------------------------------------------------------ changing the structure
+    def remove_layers(self, model: nn.Module, names: Sequence[str]) -> None:
+        """Remove layers from the layer list, renumber ``layer_idx`` and update the config."""
+        all_names = self.layers(model)
+        bad = [n for n in names if n not in all_names]
+        if bad:
+            raise PruningError(
+                f"Only whole layers ({all_names[:2]}, ...) can be removed from a {self.name} model, but got {bad}."
+            )
+        if len(set(names)) >= len(all_names):
+            raise PruningError(f"Cannot remove all {len(all_names)} layers of the {self.name} model.")
+        layer_list = self._layer_list()
+        for index in sorted((all_names.index(n) for n in names), reverse=True):
+            del layer_list[index]
+            types = getattr(self.config, "layer_types", None)
+            if isinstance(types, list) and len(types) > index:
+                del types[index]
+        for i, layer in enumerate(layer_list):
+            for sub in layer.modules():
+                if isinstance(sub.__dict__.get("layer_idx"), int):
+                    sub.layer_idx = i  # type: ignore[assignment]
+        self.sync(model)
+
+    def sync(self, model: nn.Module) -> None:
+        """Set the config and every attention module's head attributes from the parameters' shapes."""
+        layout, config = self.layout, self.config
+        layers = self._read()
+        for lay in layers:
+            for rel in (layout.q, layout.k, layout.v, layout.o, *layout.up, layout.down, *layout.norms):
+                fix_attributes(lay.module.get_submodule(rel))
+            if layout.attention_attrs is not None:
+                layout.attention_attrs(
+                    lay.module.get_submodule(layout.attention), lay.heads, lay.kv, lay.head_dim
+                )
+        for module in model.modules():
+            fix_attributes(module)
+        config.num_hidden_layers = len(layers)
+        config.hidden_size = self.hidden_size()
+        if len({lay.heads for lay in layers}) == 1:
+            config.num_attention_heads = layers[0].heads
+        if layout.kv_key is not None and len({lay.kv for lay in layers}) == 1:
+            setattr(config, layout.kv_key, layers[0].kv)
+        if layout.head_dim_key is not None:
+            setattr(config, layout.head_dim_key, layers[0].head_dim)
+        if len({lay.ffn for lay in layers}) == 1:
+            setattr(config, layout.intermediate_key, layers[0].ffn)
+        for module in self.hf.modules():  # GPT-2 and others keep the hidden size as `embed_dim`
+            if isinstance(module.__dict__.get("embed_dim"), int):
+                module.embed_dim = config.hidden_size  # type: ignore[assignment]
+        if not self.uniform(model):  # one config value per width cannot describe the layers any more
+            guard_save_pretrained(self.hf)
+
+    def describe(self) -> str:
+        """One line for logs."""
+        layers = self._read()
+        return (
+            f"{self.name}: {len(layers)} layers, {layers[0].heads} heads ({layers[0].kv} key/value) of "
+            f"{layers[0].head_dim}, FFN {layers[0].ffn}, hidden {self.hidden_size()}"
+        )
+
+
+def _conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D"
+
+
+def _dim(module: nn.Module, role: str) -> int:
+    """The weight dimension of a projection's outputs (``"out"``) or inputs (``"in"``): HF ``Conv1D`` is ``[in, out]``."""
+    if _conv1d(module):
+        return 1 if role == "out" else 0
+    return 0 if role == "out" else 1
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, nn.LayerNorm) or type(module).__name__.endswith(("RMSNorm", "LayerNorm"))
+
+
+def config_summary(config: Any, keys: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The config values a pruned model's structure depends on (for reports and tests)."""
+    names = keys or {
+        "num_hidden_layers": "num_hidden_layers",
+        "hidden_size": "hidden_size",
+        "num_attention_heads": "num_attention_heads",
+        "num_key_value_heads": "num_key_value_heads",
+        "head_dim": "head_dim",
+        "intermediate_size": "intermediate_size",
+    }
+    return {k: getattr(config, v, None) for k, v in names.items()}

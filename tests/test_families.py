@@ -1,0 +1,231 @@
+"""Known layouts (Hugging Face decoders and encoders): layers, heads, key/value groups, FFN and hidden width,
+pruned by their structure with the config kept true, and reloaded by plain transformers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from lightning_hprune import BlockLevel, GlobalLevel, LayerLevel
+from lightning_hprune.core.families import TransformerFamily, detect
+from lightning_hprune.core.families.pretrained import PerLayerWidthsError, config_mismatches
+from lightning_hprune.core.graph import PruningGraph
+from lightning_hprune.core.measure import count_macs
+from lightning_hprune.core.schedules import EventSchedule
+from lightning_hprune.core.session import PruningSession
+from lightning_hprune.hf import save_pretrained
+from tests.zoo import BY_NAME, FAMILY_CASES, Case, logits
+
+pytest.importorskip("transformers")
+ROOT = Path(__file__).resolve().parents[1]
+warnings.filterwarnings("ignore", message=".*token_id.*")
+
+
+def shape_of(family: TransformerFamily) -> dict[str, int]:
+    layers = family._read()
+    return {
+        "layers": len(layers),
+        "heads": layers[0].heads,
+        "kv": layers[0].kv,
+        "ffn": layers[0].ffn,
+        "hidden": family.hidden_size(),
+        "head_dim": layers[0].head_dim,
+    }
+
+
+def prune_every_kind(case: Case, uniform: bool = True) -> tuple[torch.nn.Module, PruningSession]:
+    """One event of each kind: a layer, then half of every width kind the layout offers."""
+    torch.manual_seed(0)
+    model = case.build().eval()
+    ratios = {"heads": 0.5, "kv": 0.5, "ffn": 0.5, "hidden": 0.25, "*:heads": 0.5, "*:kv": 0.5, "*:ffn": 0.5}
+    session = PruningSession(
+        [BlockLevel(max_blocks=1, share=0.5, schedule="constant"), LayerLevel(ratios=ratios, share=0.5)],
+        target=0.6,
+        schedule=EventSchedule(0, 1),
+        round_to=4,
+        measure_latency=False,
+        uniform_widths=uniform,
+    )
+    session.use_example_input(case.inputs(batch=1))
+    for epoch in range(2):
+        plan = session.plan(model)
+        session.record(model, plan, session.execute(model, plan), epoch=epoch, step=epoch)
+    return model, session
+
+
+@pytest.mark.parametrize("case", FAMILY_CASES, ids=lambda c: c.name)
+def test_each_family_prunes_layers_heads_ffn_and_hidden_with_a_true_config(case: Case) -> None:
+    model, session = prune_every_kind(case)
+    family = session.graph.family if session.graph is not None else None
+    assert isinstance(family, TransformerFamily)
+    dense = shape_of(TransformerFamily.detect(case.build()))  # type: ignore[arg-type]
+    now = shape_of(family)
+    assert now["layers"] == dense["layers"] - 1  # a whole layer left the layer list
+    assert now["heads"] < dense["heads"]
+    assert now["heads"] % now["kv"] == 0  # query heads stay grouped by key/value head
+    assert now["ffn"] < dense["ffn"]
+    assert now["hidden"] < dense["hidden"]
+    assert now["head_dim"] == dense["head_dim"]  # heads are never cut through (rotary dims intact)
+    if case.derived_heads:
+        assert now["hidden"] == now["heads"] * now["head_dim"]  # the head size the config derives is kept
+    assert config_mismatches(model) == []  # the config describes the modules
+    cfg = family.config
+    assert (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.hidden_size) == (
+        now["layers"],
+        now["heads"],
+        now["hidden"],
+    )
+    if family.layout.kv_key:
+        assert getattr(cfg, family.layout.kv_key) == now["kv"]
+    assert getattr(cfg, family.layout.intermediate_key) == now["ffn"]
+    indices = [m.layer_idx for m in model.modules() if isinstance(m.__dict__.get("layer_idx"), int)]
+    assert sorted(set(indices)) == list(range(now["layers"]))  # renumbered for key/value caches
+    # The model still runs, keeps its output shape and trains.
+    x = case.inputs()
+    out = logits(model.train(), x)
+    assert out.shape == logits(case.build(), x).shape
+    out.float().pow(2).mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    if case.causal:
+        generated = model.eval().generate(x["input_ids"][:1, :4], max_new_tokens=3, do_sample=False)
+        assert generated.shape == (1, 7)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bert"])
+def test_the_recorded_history_replays_on_a_fresh_model(name: str) -> None:
+    case = BY_NAME[name]
+    model, session = prune_every_kind(case)
+    fresh = case.build().eval()
+    PruningGraph(fresh, case.inputs(batch=1)).replay(session.ledger.history)
+    assert {n: p.shape for n, p in fresh.named_parameters()} == {
+        n: p.shape for n, p in model.named_parameters()
+    }
+    fresh.load_state_dict(model.state_dict())
+    x = case.inputs()
+    torch.testing.assert_close(logits(fresh, x), logits(model.eval(), x))
+
+
+def test_grouping_a_llama_decoder_needs_no_trace() -> None:
+    """torch-pruning's grouping of Llama-style decoders does not finish (transformers 5): the layout is read."""
+    model = BY_NAME["llama"].build()
+    before = PruningGraph.builds
+    graph = PruningGraph(model, BY_NAME["llama"].inputs(batch=1))
+    assert graph._dg is None  # nothing traced
+    assert PruningGraph.builds == before + 1
+    names = {g.name: g.size for g in graph.groups()}
+    assert names == {"kv": 2, "heads": 4, "ffn": 96, "hidden": 64}
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def test_per_layer_widths_refuse_save_pretrained(name: str, tmp_path: Path) -> None:
+    case = BY_NAME[name]
+    torch.manual_seed(0)
+    model = case.build().eval()
+    session = PruningSession(
+        [GlobalLevel()],
+        target=0.4,
+        schedule=EventSchedule(0, 0),
+        round_to=4,
+        measure_latency=False,
+        uniform_widths=False,
+    )
+    session.use_example_input(case.inputs(batch=1))
+    groups = {g.name for g in session.attach(model).groups()}
+    assert "model.layers.0:ffn" in groups  # a group per layer
+    plan = session.plan(model)
+    session.record(model, plan, session.execute(model, plan), epoch=0, step=0)
+    family = detect(model)
+    assert isinstance(family, TransformerFamily)
+    assert not family.uniform(model)
+    for save in (model.save_pretrained, lambda d: save_pretrained(model, d)):
+        with pytest.raises(PerLayerWidthsError, match=r"layers have different widths.*load_pruned"):
+            save(str(tmp_path / "out"))
+    assert not (tmp_path / "out" / "config.json").exists()
+
+
+def reference_macs(model: torch.nn.Module, inputs: dict) -> int:
+    """FlopCounterMode with grad on and fast paths off (math attention): what the issue measures against."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    counter = FlopCounterMode(display=False)
+    previous = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.enable_grad(), sdpa_kernel([SDPBackend.MATH]), counter:
+            model(**inputs) if isinstance(inputs, dict) else model(inputs)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(previous)
+    return counter.get_total_flops() // 2
+
+
+@pytest.mark.parametrize("case", FAMILY_CASES, ids=lambda c: c.name)
+def test_macs_match_the_flop_counter_before_and_after_pruning(case: Case) -> None:
+    model = case.build().eval()
+    x = case.inputs(batch=1)
+    assert count_macs(model, x).total == pytest.approx(reference_macs(model, x), rel=0.01)
+    model, _ = prune_every_kind(case)
+    model.eval()
+    assert count_macs(model, x).total == pytest.approx(reference_macs(model, x), rel=0.01)
+
+
+def test_torch_transformer_encoder_macs_are_counted_despite_its_fast_path() -> None:
+    layer = torch.nn.TransformerEncoderLayer(64, 4, 128, batch_first=True)
+    encoder = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    x = torch.randn(1, 16, 64)
+    with torch.no_grad():
+        naive = FlopCounterMode(display=False)
+        with naive:
+            encoder(x)
+    assert naive.get_total_flops() == 0  # what counting under no_grad used to see
+    assert count_macs(encoder, x).total == pytest.approx(reference_macs(encoder, x), rel=0.01)
+    assert count_macs(encoder, x).total > 1_000_000
+
+
+@pytest.mark.fit
+def test_pruned_models_round_trip_through_plain_from_pretrained_in_a_fresh_process(tmp_path: Path) -> None:
+    expected = {}
+    for case in FAMILY_CASES:
+        model, _ = prune_every_kind(case)
+        model.eval()
+        x = case.inputs()
+        directory = tmp_path / case.name
+        save_pretrained(model, directory)
+        torch.save({"inputs": x, "logits": logits(model, x).detach()}, directory / "reference.pt")
+        generated = None
+        if case.causal:
+            generated = model.generate(x["input_ids"][:1, :4], max_new_tokens=4, do_sample=False).tolist()
+        expected[case.name] = {"auto": case.auto, "generated": generated}
+    (tmp_path / "cases.json").write_text(json.dumps(expected))
+    code = (
+        "import json, sys, torch, warnings, transformers\n"
+        "warnings.filterwarnings('ignore')\n"
+        "root = sys.argv[1]\n"
+        "out = {}\n"
+        "for name, case in json.load(open(root + '/cases.json')).items():\n"
+        "    model = getattr(transformers, case['auto']).from_pretrained(root + '/' + name).eval()\n"
+        "    ref = torch.load(root + '/' + name + '/reference.pt')\n"
+        "    got = model(**ref['inputs']).logits\n"
+        "    gen = None\n"
+        "    if case['generated'] is not None:\n"
+        "        gen = model.generate(ref['inputs']['input_ids'][:1, :4], max_new_tokens=4, do_sample=False).tolist()\n"
+        "    out[name] = {'diff': float((got - ref['logits']).abs().max()), 'generated': gen,\n"
+        "                 'hprune': 'lightning_hprune' in sys.modules}\n"
+        "print(json.dumps(out))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(results) == set(expected)
+    for name, r in results.items():
+        assert r["hprune"] is False  # plain transformers: the library was never imported
+        assert r["diff"] <= 1e-5, name
+        assert r["generated"] == expected[name]["generated"], name

@@ -1,0 +1,175 @@
+"""Tiny random-init transformer configs of every supported family (built from configs: nothing downloaded)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+VOCAB = 96
+
+
+@dataclass(frozen=True)
+class Case:
+    """One model of the zoo."""
+
+    name: str
+    build: Callable[[], nn.Module]
+    auto: str  # the transformers Auto class that reloads it
+    causal: bool = False  # a language model: `generate` must run
+    derived_heads: bool = False  # head size = hidden_size / num_attention_heads (BERT, GPT-2)
+    gqa: bool = False  # fewer key/value heads than query heads
+
+    def inputs(self, batch: int = 2, length: int = 10, seed: int = 0) -> dict[str, Any]:
+        g = torch.Generator().manual_seed(seed)
+        return {"input_ids": torch.randint(1, VOCAB, (batch, length), generator=g)}
+
+
+def _t() -> Any:
+    import transformers
+
+    return transformers
+
+
+def _llama_kwargs(**extra: Any) -> dict[str, Any]:
+    base = {
+        "vocab_size": VOCAB,
+        "max_position_embeddings": 64,
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+    base.update(extra)
+    return base
+
+
+def _gpt2_kwargs(**extra: Any) -> dict[str, Any]:
+    base = {
+        "vocab_size": VOCAB,
+        "n_positions": 64,
+        "n_embd": 64,
+        "n_layer": 4,
+        "n_head": 4,
+        "pad_token_id": 0,
+    }
+    base.update(bos_token_id=1, eos_token_id=2)
+    base.update(extra)
+    return base
+
+
+def _bert_kwargs(**extra: Any) -> dict[str, Any]:
+    base = {
+        "vocab_size": VOCAB,
+        "hidden_size": 64,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "intermediate_size": 96,
+        "max_position_embeddings": 70,
+        "num_labels": 3,
+    }
+    base.update(extra)
+    return base
+
+
+DECODERS = [
+    Case(
+        "llama",
+        lambda: _t().LlamaForCausalLM(_t().LlamaConfig(**_llama_kwargs(tie_word_embeddings=True))),
+        "AutoModelForCausalLM",
+        causal=True,
+        gqa=True,
+    ),
+    Case(
+        "qwen2",
+        lambda: _t().Qwen2ForCausalLM(_t().Qwen2Config(**_llama_kwargs())),
+        "AutoModelForCausalLM",
+        causal=True,
+        gqa=True,
+    ),
+    Case(
+        "qwen3",
+        lambda: _t().Qwen3ForCausalLM(_t().Qwen3Config(**_llama_kwargs())),
+        "AutoModelForCausalLM",
+        causal=True,
+        gqa=True,
+    ),
+    Case(
+        "mistral",
+        lambda: _t().MistralForCausalLM(_t().MistralConfig(**_llama_kwargs())),
+        "AutoModelForCausalLM",
+        causal=True,
+        gqa=True,
+    ),
+    Case(
+        "phi3",
+        lambda: _t().Phi3ForCausalLM(
+            _t().Phi3Config(**{k: v for k, v in _llama_kwargs().items() if k != "head_dim"})
+        ),
+        "AutoModelForCausalLM",
+        causal=True,
+        gqa=True,
+    ),
+    Case(
+        "gpt2",
+        lambda: _t().GPT2LMHeadModel(_t().GPT2Config(**_gpt2_kwargs())),
+        "AutoModelForCausalLM",
+        causal=True,
+        derived_heads=True,
+    ),
+    Case(
+        "llama-cls",
+        lambda: _t().LlamaForSequenceClassification(_t().LlamaConfig(**_llama_kwargs(num_labels=3))),
+        "AutoModelForSequenceClassification",
+        gqa=True,
+    ),
+    Case(
+        "qwen2-cls",
+        lambda: _t().Qwen2ForSequenceClassification(_t().Qwen2Config(**_llama_kwargs(num_labels=3))),
+        "AutoModelForSequenceClassification",
+        gqa=True,
+    ),
+    Case(
+        "gpt2-cls",
+        lambda: _t().GPT2ForSequenceClassification(_t().GPT2Config(**_gpt2_kwargs(num_labels=3))),
+        "AutoModelForSequenceClassification",
+        derived_heads=True,
+    ),
+]
+
+ENCODERS = [
+    Case(
+        "bert",
+        lambda: _t().BertForSequenceClassification(_t().BertConfig(**_bert_kwargs())),
+        "AutoModelForSequenceClassification",
+        derived_heads=True,
+    ),
+    Case(
+        "roberta",
+        lambda: _t().RobertaForSequenceClassification(_t().RobertaConfig(**_bert_kwargs())),
+        "AutoModelForSequenceClassification",
+        derived_heads=True,
+    ),
+    Case(
+        "electra",
+        lambda: _t().ElectraForSequenceClassification(_t().ElectraConfig(**_bert_kwargs(embedding_size=32))),
+        "AutoModelForSequenceClassification",
+        derived_heads=True,
+    ),
+]
+
+FAMILY_CASES = DECODERS + ENCODERS
+BY_NAME = {c.name: c for c in FAMILY_CASES}
+
+
+def logits(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+    out = model(**inputs)
+    return out.logits if hasattr(out, "logits") else out[0]
