@@ -413,6 +413,12 @@ class PruningCallback(Callback):
         if self.distiller is not None:
             self.distiller.teardown()
 
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # Lightning does not call `teardown` after a failed fit: unwrap `training_step` here.
+        if self.distiller is not None:
+            self.distiller.teardown()
+
     # ------------------------------------------------------------------ hooks
     def _leads(self) -> bool:
         return self._leader is self

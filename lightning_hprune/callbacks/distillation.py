@@ -58,6 +58,7 @@ from lightning_hprune.core.distill import (
 )
 from lightning_hprune.core.optim_state import ParameterSurgery
 from lightning_hprune.core.session import PruningSession
+from lightning_hprune.core.undo import Snapshot
 
 _PATCHED = "_hprune_distillation"
 
@@ -97,6 +98,22 @@ def with_term(output: Any, term: torch.Tensor) -> Any:
     new = dict(output)
     new["loss"] = output["loss"] + term.to(output["loss"].dtype)
     return new
+
+
+class _Buffers:
+    """A module's buffers (BatchNorm running statistics, ...) as a stateful part of an undo snapshot."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def state_dict(self) -> dict[str, Any]:
+        return {n: b for n, b in self.module.named_buffers()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        with torch.no_grad():
+            for n, b in self.module.named_buffers():
+                if n in state:
+                    b.copy_(state[n])
 
 
 class Distiller:
@@ -173,9 +190,12 @@ class Distiller:
 
     def _patch(self, pl_module: pl.LightningModule) -> None:
         current = pl_module.__dict__.get("training_step")
-        if current is not None and getattr(current, _PATCHED, None) is self:
+        owner = getattr(current, _PATCHED, None)
+        if owner is self:
             return
-        self._previous = current
+        if isinstance(owner, Distiller):  # left by a fit that failed (Lightning skips `teardown` then)
+            owner.teardown()
+        self._previous = pl_module.__dict__.get("training_step")
         original = pl_module.training_step
         distiller = self
 
@@ -326,10 +346,16 @@ class Distiller:
         if self.teacher is not None:
             self.cost.step_started()
         roots = self._candidates(pl_module)
+        # The first step's forward updates running statistics before its check can refuse: undo that too.
+        point = None if self.checked else Snapshot(parts=[_Buffers(pl_module)])
         with ForwardCapture(roots, self._student_taps(pl_module, roots)) as capture:
             output = original(*args, **kwargs)
-        if not self.checked:
-            self._check(pl_module, capture.calls)
+        if point is not None:
+            try:
+                self._check(pl_module, capture.calls)
+            except BaseException:
+                point.restore()
+                raise
         loss = loss_of(output)
         if self.teacher is None or loss is None:
             return output
