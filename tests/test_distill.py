@@ -42,7 +42,8 @@ def test_logit_loss_is_t_squared_kl_averaged_over_samples() -> None:
     s.requires_grad_(True)
     t.requires_grad_(True)
     logit_loss(s, t, 2.0).backward()
-    assert s.grad is not None and t.grad is None
+    assert s.grad is not None
+    assert t.grad is None
 
 
 def test_token_level_loss_averages_over_the_real_tokens_only() -> None:
@@ -71,7 +72,9 @@ def test_logits_are_found_in_tensors_dicts_model_outputs_and_tuples() -> None:
     assert logits_of(SequenceClassifierOutput(logits=x)) is x
     assert logits_of(CausalLMOutput(loss=x.sum(), logits=x)) is x
     assert logits_of((x.sum(), x), 1) is x
-    with pytest.raises(DistillationError, match=r"returned a tuple of \(Tensor\[2, 3\] float32, Tensor\[2\] float32\)"):
+    with pytest.raises(
+        DistillationError, match=r"returned a tuple of \(Tensor\[2, 3\] float32, Tensor\[2\] float32\)"
+    ):
         logits_of((x, x[:, 0]))
     with pytest.raises(DistillationError, match=r"under 'logits'.*returned dict \{'out': Tensor\[2, 3\]"):
         logits_of({"out": x})
@@ -113,7 +116,8 @@ def test_frozen_copy_is_one_detached_copy_on_its_dtype() -> None:
     for p, q in zip(model.parameters(), teacher.parameters(), strict=True):
         assert p.data_ptr() != q.data_ptr()
         torch.testing.assert_close(p.detach().to(torch.bfloat16), q)
-    assert model.training and all(p.requires_grad for p in model.parameters())  # the original is untouched
+    assert model.training  # the original is untouched
+    assert all(p.requires_grad for p in model.parameters())
     # 108 floating values in bf16 (2 bytes each) and the long `num_batches_tracked` (8 bytes)
     assert (tensor_bytes(model), tensor_bytes(teacher)) == (108 * 4 + 8, 108 * 2 + 8)
     t2 = frozen_copy(tied)
@@ -166,8 +170,12 @@ def test_channel_maps_follow_a_real_prune() -> None:
     """After pruning, the student's first conv output is the teacher's on the mapped channels, exactly."""
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
-        nn.Flatten(), nn.Linear(8 * 16, 2),
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.Flatten(),
+        nn.Linear(8 * 16, 2),
     ).eval()
     teacher = frozen_copy(model)
     graph = PruningGraph(model, torch.randn(1, 3, 4, 4))

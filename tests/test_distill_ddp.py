@@ -64,7 +64,8 @@ def run_rank(out: Path) -> None:
     train, val = loaders(n=64, batch_size=16)
     trainer.fit(model, train, val)
     d = pruning.distiller
-    assert d is not None and d.teacher is not None
+    assert d is not None
+    assert d.teacher is not None
     torch.save(
         {
             "rank": trainer.global_rank,

@@ -61,7 +61,9 @@ class LossProbe(Callback):
         if self.reference is None:
             self.reference = copy.deepcopy(pl_module).eval()  # the pruning event follows (same hook, later)
 
-    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+    def on_before_backward(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
+    ) -> None:
         if self.reference is None:
             return
         cb = next(c for c in trainer.callbacks if isinstance(c, HierarchicalPruning))
@@ -114,7 +116,8 @@ def test_optimizer_sees_the_user_loss_plus_the_documented_term(tmp_path: Path, s
     assert all(term > 0 for term in probe.terms)  # the pruned student differs from the teacher
     # logged: the term and its share of the total loss, aggregated per epoch
     (path,) = tmp_path.glob("logs/version_*/metrics.csv")
-    rows = [r for r in csv.DictReader(open(path)) if r.get("hprune/distill_loss")]
+    with open(path) as f:
+        rows = [r for r in csv.DictReader(f) if r.get("hprune/distill_loss")]
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     assert all(0 < float(r["hprune/distill_share"]) < 1 for r in rows)
     epoch2 = sum(probe.terms[4:]) / 4
@@ -125,7 +128,8 @@ def test_optimizer_sees_the_user_loss_plus_the_documented_term(tmp_path: Path, s
     assert cost["source"] == "dense"
     assert cost["steps"] == 8
     assert cost["teacher_bytes"] == sum(p.numel() * 4 for p in probe.reference.parameters()) + sum(  # type: ignore[union-attr]
-        b.numel() * b.element_size() for b in probe.reference.buffers()  # type: ignore[union-attr]
+        b.numel() * b.element_size()
+        for b in probe.reference.buffers()  # type: ignore[union-attr]
     )
     assert cost["teacher_ms_per_step"] > 0
     assert 0 < cost["extra_share_of_step"] < 1
@@ -144,7 +148,9 @@ class TokenLM(pl.LightningModule):
                 self.mlp = nn.Sequential(nn.Linear(16, width), nn.ReLU(), nn.Linear(width, 16))
                 self.out = nn.Linear(16, vocab)
 
-            def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+            def forward(
+                self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+            ) -> dict[str, torch.Tensor]:
                 h = self.embed(input_ids)
                 return {"logits": self.out(h + self.mlp(h))}
 
@@ -187,7 +193,9 @@ class TokenProbe(Callback):
         if self.reference is None:
             self.reference = copy.deepcopy(pl_module.lm).eval()  # type: ignore[attr-defined]
 
-    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+    def on_before_backward(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
+    ) -> None:
         if self.reference is None:
             return
         batch, student, user = pl_module.seen  # type: ignore[attr-defined]
@@ -234,7 +242,9 @@ class TupleNet(TinyCNN):
 
 def _refused(tmp_path: Path, model: pl.LightningModule, distillation: Distillation, match: str) -> None:
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    pruning = HierarchicalPruning(target=0.5, round_to=4, measure_latency=False, verbose=False, distillation=distillation)
+    pruning = HierarchicalPruning(
+        target=0.5, round_to=4, measure_latency=False, verbose=False, distillation=distillation
+    )
     t = trainer(tmp_path, [pruning], max_epochs=2, logger=False, num_sanity_val_steps=0)
     train, val = loaders(n=64)
     with pytest.raises(DistillationError, match=match):
@@ -283,7 +293,7 @@ def test_manual_optimization_is_refused_in_setup(tmp_path: Path) -> None:
     pruning = HierarchicalPruning(verbose=False, distillation=Distillation())
     t = trainer(tmp_path, [pruning], max_epochs=1, logger=False)
     train, val = loaders(n=32)
-    with pytest.raises(RuntimeError, match="automatic optimization.*manual_backward"):
+    with pytest.raises(RuntimeError, match=r"automatic optimization.*manual_backward"):
         t.fit(Manual(), train, val)
     assert t.global_step == 0
 
@@ -354,6 +364,7 @@ def test_resume_restores_the_same_teacher_from_the_checkpoint(tmp_path: Path) ->
     assert set(stored) == set(teacher)
     for k, v in teacher.items():
         assert torch.equal(stored[k], v), k
+
     # stored once: the checkpoint's tensors are the model's, the optimizer's, the teacher's and a few small ones
     def nbytes(obj: Any) -> int:
         if isinstance(obj, torch.Tensor):

@@ -323,7 +323,10 @@ class PruningCallback(Callback):
         """Run the levels of cooperating callbacks too, after refusing settings they disagree on."""
         mine = {**self.session.settings(), "distillation": repr(self.distiller and self.distiller.config)}
         for other in members:
-            theirs = {**other.session.settings(), "distillation": repr(other.distiller and other.distiller.config)}
+            theirs = {
+                **other.session.settings(),
+                "distillation": repr(other.distiller and other.distiller.config),
+            }
             differ = {k: (mine[k], theirs[k]) for k in mine if mine[k] != theirs[k]}
             if differ:
                 detail = "; ".join(f"{k}: {a} vs {b}" for k, (a, b) in differ.items())
@@ -395,7 +398,8 @@ class PruningCallback(Callback):
         def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
             state = find(checkpoint)
             if distiller is not None and state:
-                distiller.restore(pl_module, state.get("distillation"))  # from the dense module, before pruning
+                # The dense teacher comes from this (still unpruned) module, before its structure is rebuilt.
+                distiller.restore(pl_module, state.get("distillation"))
             graph = session.graph
             if state and history_of(state) and (graph is None or graph.model is not pl_module):
                 with eager():
@@ -414,7 +418,9 @@ class PruningCallback(Callback):
             self.distiller.teardown()
 
     @override
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
         # Lightning does not call `teardown` after a failed fit: unwrap `training_step` here.
         if self.distiller is not None:
             self.distiller.teardown()

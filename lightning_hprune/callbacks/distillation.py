@@ -223,9 +223,9 @@ class Distiller:
 
     def before_event(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Take the dense teacher before the first event; note the hidden layers' weights (all events)."""
-        if self.config.source == "dense" and self.teacher is None and self.checked:
-            if not self.session.ledger.started:
-                self._take(trainer, pl_module)
+        dense = self.config.source == "dense"
+        if dense and self.teacher is None and self.checked and not self.session.ledger.started:
+            self._take(trainer, pl_module)
         if self.config.hidden is not None and self.target is not None:
             self._weights_before = {}
             root = _get(pl_module, self.target)
@@ -289,7 +289,9 @@ class Distiller:
         self._placed = True
         now = fingerprint(self.teacher)
         if self.fingerprint is not None and self.config.source != "dense":
-            same = all(abs(a - b) <= 1e-6 * max(1.0, abs(b)) for a, b in zip(now, self.fingerprint, strict=True))
+            same = all(
+                abs(a - b) <= 1e-6 * max(1.0, abs(b)) for a, b in zip(now, self.fingerprint, strict=True)
+            )
             if not same:
                 rank_zero_warn(
                     "The distillation teacher given to this (resumed) fit has other weights than the one the "
@@ -316,7 +318,9 @@ class Distiller:
             return {} if module is None else {self.target: module}
         return {"": pl_module, **dict(pl_module.named_children())}
 
-    def _student_taps(self, pl_module: pl.LightningModule, roots: Mapping[str, nn.Module]) -> dict[str, nn.Module]:
+    def _student_taps(
+        self, pl_module: pl.LightningModule, roots: Mapping[str, nn.Module]
+    ) -> dict[str, nn.Module]:
         hidden = self.config.hidden
         taps: dict[str, nn.Module] = {}
         if hidden is None:
@@ -329,7 +333,11 @@ class Distiller:
         return taps
 
     def step(
-        self, pl_module: pl.LightningModule, original: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        pl_module: pl.LightningModule,
+        original: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
     ) -> Any:
         """The wrapped ``training_step``: the user's step, then the teacher and the term added to the loss."""
         dense = self.config.source == "dense"
@@ -366,8 +374,12 @@ class Distiller:
         total = with_term(output, term)
         value = term.detach().float()
         share = value / loss_of(total).detach().float()  # type: ignore[union-attr]
-        pl_module.log("hprune/distill_loss", value, on_step=False, on_epoch=True, sync_dist=True, batch_size=batch)
-        pl_module.log("hprune/distill_share", share, on_step=False, on_epoch=True, sync_dist=True, batch_size=batch)
+        pl_module.log(
+            "hprune/distill_loss", value, on_step=False, on_epoch=True, sync_dist=True, batch_size=batch
+        )
+        pl_module.log(
+            "hprune/distill_share", share, on_step=False, on_epoch=True, sync_dist=True, batch_size=batch
+        )
         return total
 
     def _check(self, pl_module: pl.LightningModule, calls: list[Call]) -> None:
@@ -501,7 +513,9 @@ class Distiller:
             if (idx is not None and not idx) or layer is None:
                 if s_name not in self._warned_gone:
                     self._warned_gone.add(s_name)
-                    rank_zero_warn(f"HiddenStates: the layer {s_name!r} was removed with its block; it leaves the loss.")
+                    rank_zero_warn(
+                        f"HiddenStates: the layer {s_name!r} was removed with its block; it leaves the loss."
+                    )
                 continue
             s, t = _first_tensor(call.taps.get(full)), _first_tensor(taps.get(t_name))
             if s is None or t is None:
@@ -549,7 +563,9 @@ class Distiller:
             "module": self.target,
             "checked": self.checked,
             "fingerprint": None if self.fingerprint is None else list(self.fingerprint),
-            "teacher": None if weights is None else {"state_dict": weights, "dtype": str(device_dtype(self.teacher)[1])},  # type: ignore[arg-type]
+            "teacher": None
+            if weights is None
+            else {"state_dict": weights, "dtype": str(device_dtype(self.teacher)[1])},  # type: ignore[arg-type]
             "maps": self.maps.state_dict(),
             "cost": self.cost.state_dict(),
         }
@@ -589,7 +605,11 @@ class Distiller:
             )
         # The stored weights are in the teacher's dtype: `dtype=None` keeps it.
         restored = frozen_copy(
-            root, None, self.config.dtype, skip=[getattr(pl_module, "_trainer", None)], weights=teacher["state_dict"]
+            root,
+            None,
+            self.config.dtype,
+            skip=[getattr(pl_module, "_trainer", None)],
+            weights=teacher["state_dict"],
         )
         for name in ("training_step", "on_load_checkpoint"):
             restored.__dict__.pop(name, None)

@@ -176,7 +176,9 @@ class Distillation:
             )
         self.logits_key = logits_key
         if mask_key is not None and not isinstance(mask_key, str):
-            raise ValueError(f"Expected argument `mask_key` to be an argument name or None, but got {mask_key!r}.")
+            raise ValueError(
+                f"Expected argument `mask_key` to be an argument name or None, but got {mask_key!r}."
+            )
         self.mask_key = mask_key
         if module is not None and not isinstance(module, str):
             raise ValueError(
@@ -185,7 +187,9 @@ class Distillation:
             )
         self.module = module
         if hidden is not None and not isinstance(hidden, HiddenStates):
-            raise ValueError(f"Expected argument `hidden` to be a `HiddenStates` or None, but got {hidden!r}.")
+            raise ValueError(
+                f"Expected argument `hidden` to be a `HiddenStates` or None, but got {hidden!r}."
+            )
         self.hidden = hidden
 
     @property
@@ -196,8 +200,10 @@ class Distillation:
         return "path" if isinstance(self.teacher, str) else "module"
 
     def __repr__(self) -> str:
-        teacher = None if self.teacher is None else (
-            self.teacher if isinstance(self.teacher, str) else f"<{type(self.teacher).__name__}>"
+        teacher = (
+            None
+            if self.teacher is None
+            else (self.teacher if isinstance(self.teacher, str) else f"<{type(self.teacher).__name__}>")
         )
         return (
             f"Distillation(alpha={self.alpha!r}, temperature={self.temperature!r}, teacher={teacher!r}, "
@@ -341,7 +347,11 @@ def hidden_loss(
             f"Expected the teacher's hidden state (on the student's channels) to have the student's shape, but "
             f"the student gave {describe(student)} and the teacher {describe(t)}."
         )
-    keep = mask if mask is not None and student.dim() == 3 and tuple(mask.shape) == tuple(student.shape[:2]) else None
+    keep = (
+        mask
+        if mask is not None and student.dim() == 3 and tuple(mask.shape) == tuple(student.shape[:2])
+        else None
+    )
     with torch.autocast(student.device.type, enabled=False):
         s, t = student.float(), t.float()
         if kind == "cosine":
@@ -479,8 +489,9 @@ def move_inputs(obj: Any, device: torch.device, dtype: torch.dtype | None) -> An
         return obj.to(device=device, dtype=dt)
     if isinstance(obj, Mapping):
         moved = {k: move_inputs(v, device, dtype) for k, v in obj.items()}
+        cls: Any = type(obj)
         try:
-            return type(obj)(moved)
+            return cls(moved)
         except TypeError:
             return moved
     if isinstance(obj, tuple):
@@ -566,7 +577,9 @@ class ForwardCapture:
     def __enter__(self) -> ForwardCapture:
         for name, m in self.modules.items():
             self._handles.append(m.register_forward_pre_hook(self._pre(name), with_kwargs=True))
-            self._handles.append(m.register_forward_hook(self._post(name), with_kwargs=True, always_call=True))
+            self._handles.append(
+                m.register_forward_hook(self._post(name), with_kwargs=True, always_call=True)
+            )
         for name, m in self.taps.items():
             self._handles.append(m.register_forward_hook(self._tap(name)))
         return self
@@ -593,12 +606,14 @@ class ChannelMaps:
         keys = [k for k in self.maps if k <= events]
         return self.maps[max(keys)] if keys else {}
 
-    def update(self, events: int, kept: Mapping[str, Sequence[torch.Tensor]], gone: Sequence[str] = ()) -> None:
+    def update(
+        self, events: int, kept: Mapping[str, Sequence[torch.Tensor]], gone: Sequence[str] = ()
+    ) -> None:
         """Record the maps after event number ``events``: each layer's kept indices (in its previous numbering)."""
         before = self.current(events - 1)
         after: dict[str, list[int] | None] = {k: v for k, v in before.items() if k not in gone}
         for name, keeps in kept.items():
-            idx = None if name not in before else before[name]
+            idx = before.get(name)
             for keep in keeps:
                 k = keep.tolist()
                 idx = k if idx is None else [idx[i] for i in k]
@@ -610,7 +625,12 @@ class ChannelMaps:
 
     def state_dict(self) -> dict[str, Any]:
         """The maps, as plain data."""
-        return {"maps": {str(k): {n: None if v is None else list(v) for n, v in m.items()} for k, m in self.maps.items()}}
+        return {
+            "maps": {
+                str(k): {n: None if v is None else list(v) for n, v in m.items()}
+                for k, m in self.maps.items()
+            }
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`."""
