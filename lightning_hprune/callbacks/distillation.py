@@ -239,6 +239,7 @@ class Distiller:
         assert self.target is not None
         module = pl_module.get_submodule(self.target)
         device = self.config.device or self._student_device(pl_module)
+        self._warn_half_on_cpu(device)
         before = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
         teacher = frozen_copy(
             module, device, self.config.dtype, skip=[getattr(pl_module, "_trainer", None), trainer]
@@ -248,6 +249,15 @@ class Distiller:
         if before is not None:
             self._device_bytes = torch.cuda.memory_allocated(device) - before
         self._use(teacher, placed=True)
+
+    def _warn_half_on_cpu(self, device: torch.device) -> None:
+        if device.type == "cpu" and self.config.dtype in (torch.bfloat16, torch.float16):
+            rank_zero_warn(
+                f"Distillation(dtype={str(self.config.dtype).removeprefix('torch.')!r}) puts the teacher on the "
+                "CPU in half precision: most CPUs run it far slower than float32 (on the 2-core development "
+                "machine a bf16 digits-CNN teacher took 12 s per batch of 256). Use it on an accelerator, or "
+                "keep the CPU teacher in float32."
+            )
 
     def _use(self, teacher: nn.Module, placed: bool) -> None:
         for h in self._teacher_handles:
@@ -279,6 +289,7 @@ class Distiller:
         if self._placed or self.teacher is None:
             return
         device = self.config.device or self._student_device(pl_module)
+        self._warn_half_on_cpu(device)
         before = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
         if self.config.dtype is not None:
             self.teacher.to(device=device, dtype=self.config.dtype)
