@@ -254,9 +254,9 @@ class Distiller:
         if device.type == "cpu" and self.config.dtype in (torch.bfloat16, torch.float16):
             rank_zero_warn(
                 f"Distillation(dtype={str(self.config.dtype).removeprefix('torch.')!r}) puts the teacher on the "
-                "CPU in half precision: most CPUs run it far slower than float32 (on the 2-core development "
-                "machine a bf16 digits-CNN teacher took 12 s per batch of 256). Use it on an accelerator, or "
-                "keep the CPU teacher in float32."
+                "CPU in half precision: many CPUs run it far slower than float32 (on the development machine, "
+                "one thread, the digits CNN's forward of 256 images took 6.7 s in bf16 against 0.44 s in "
+                "float32). Use it on an accelerator, or keep the CPU teacher in float32."
             )
 
     def _use(self, teacher: nn.Module, placed: bool) -> None:
