@@ -409,3 +409,71 @@ def test_teacher_from_a_checkpoint_path_is_used_from_the_first_step(tmp_path: Pa
     assert probe.checked == 2 * 2  # from the very first step
     assert pruning.distiller is not None
     assert pruning.distiller.report()["source"] == "path"
+
+
+def test_hidden_state_term_uses_the_teacher_channels_the_student_kept(tmp_path: Path) -> None:
+    """``HiddenStates``: the term adds ``weight * MSE(student, teacher[:, kept])``; the kept channels are the
+    ones pruning kept (checked against the weights right after the first event)."""
+    pl.seed_everything(0)
+    model = Recorder(optimizer="adam", lr=0.01)
+    bn = model.features[4]  # the BatchNorm after the second conv
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(module: nn.Module, args: Any, output: torch.Tensor) -> None:
+        if module is bn:  # the teacher copy is made without this hook
+            seen["student"] = output.detach()
+
+    bn.register_forward_hook(keep)
+    pruning = HierarchicalPruning(
+        target=0.5,
+        end_epoch=1,
+        round_to=4,
+        measure_latency=False,
+        verbose=False,
+        distillation=Distillation(
+            alpha=ALPHA, temperature=T, hidden=HiddenStates(["features.4"], weight=0.3)
+        ),
+    )
+
+    class Probe(Callback):
+        def __init__(self) -> None:
+            self.reference: nn.Module | None = None
+            self.checked = 0
+            self.events_seen: set[int] = set()
+
+        def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            if self.reference is None:
+                self.reference = copy.deepcopy(pl_module).eval()
+
+        def on_before_backward(self, trainer: pl.Trainer, pl_module: Any, loss: torch.Tensor) -> None:
+            if self.reference is None:
+                return
+            d = pruning.distiller
+            assert d is not None
+            events = len(pruning.session.ledger.records)
+            kept = d.maps.current(events).get("features.4")
+            idx = torch.arange(32) if kept is None else torch.tensor(kept)
+            assert len(idx) == bn.num_features
+            if events not in self.events_seen:  # right after an event, before any optimizer step
+                self.events_seen.add(events)
+                if events == 1:  # the second conv's kept rows are the teacher's, exactly
+                    torch.testing.assert_close(
+                        pl_module.features[3].weight, self.reference.features[3].weight[idx]
+                    )
+            x, student, user = pl_module.seen
+            with torch.no_grad():
+                reference_logits = self.reference(x)
+                teacher_h = self.reference.features[:5](x)[:, idx]
+            hidden = 0.3 * (seen["student"] - teacher_h).pow(2).mean()
+            torch.testing.assert_close(
+                loss, user + expected_term(student, reference_logits) + hidden, rtol=1e-5, atol=1e-6
+            )
+            self.checked += 1
+
+    probe = Probe()
+    t = trainer(tmp_path, [probe, pruning], max_epochs=3, logger=False, num_sanity_val_steps=0)
+    train, val = loaders(n=128, batch_size=32)
+    t.fit(model, train, val)
+    assert probe.checked == 8
+    assert probe.events_seen == {1, 2}
+    assert bn.num_features < 32

@@ -100,6 +100,25 @@ def with_term(output: Any, term: torch.Tensor) -> Any:
     return new
 
 
+def _clean(teacher: nn.Module) -> None:
+    """A copy of the student without this package's method patches or the student's forward hooks.
+
+    Forward hooks on the student (the user's activation logging, ...) must not fire on teacher forwards;
+    the copy's weights are fixed, so it needs no hook to compute them.
+    """
+    for name in ("training_step", "on_load_checkpoint"):
+        teacher.__dict__.pop(name, None)
+    for m in teacher.modules():
+        for hooks in (
+            m._forward_hooks,
+            m._forward_hooks_with_kwargs,
+            m._forward_hooks_always_called,
+            m._forward_pre_hooks,
+            m._forward_pre_hooks_with_kwargs,
+        ):
+            hooks.clear()
+
+
 class _Buffers:
     """A module's buffers (BatchNorm running statistics, ...) as a stateful part of an undo snapshot."""
 
@@ -244,8 +263,7 @@ class Distiller:
         teacher = frozen_copy(
             module, device, self.config.dtype, skip=[getattr(pl_module, "_trainer", None), trainer]
         )
-        for name in ("training_step", "on_load_checkpoint"):
-            teacher.__dict__.pop(name, None)  # this package's patches of the student, not the teacher's
+        _clean(teacher)
         if before is not None:
             self._device_bytes = torch.cuda.memory_allocated(device) - before
         self._use(teacher, placed=True)
@@ -622,8 +640,7 @@ class Distiller:
             skip=[getattr(pl_module, "_trainer", None)],
             weights=teacher["state_dict"],
         )
-        for name in ("training_step", "on_load_checkpoint"):
-            restored.__dict__.pop(name, None)
+        _clean(restored)
         self._use(restored, placed=False)
 
     def report(self) -> dict[str, Any]:
