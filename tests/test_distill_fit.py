@@ -394,21 +394,34 @@ def test_teacher_from_a_checkpoint_path_is_used_from_the_first_step(tmp_path: Pa
     train, val = loaders(n=64)
     t.fit(dense, train, val)
     path = next((tmp_path / "dense").rglob("*.ckpt"))
-    probe = LossProbe()
-    probe.reference = copy.deepcopy(dense).eval()
-    model = Recorder()
-    pruning = HierarchicalPruning(
-        target=0.5,
-        round_to=4,
-        measure_latency=False,
-        verbose=False,
-        distillation=Distillation(alpha=ALPHA, temperature=T, teacher=str(path)),
-    )
-    t = trainer(tmp_path, [probe, pruning], max_epochs=2, logger=False, num_sanity_val_steps=0)
-    t.fit(model, train, val)
+
+    def fit(epochs: int, ckpt_path: str | None = None) -> tuple[LossProbe, HierarchicalPruning]:
+        probe = LossProbe()
+        probe.reference = copy.deepcopy(dense).eval()
+        pruning = HierarchicalPruning(
+            target=0.5,
+            round_to=4,
+            measure_latency=False,
+            verbose=False,
+            distillation=Distillation(alpha=ALPHA, temperature=T, teacher=str(path)),
+        )
+        saver = ModelCheckpoint(dirpath=str(tmp_path / "student"), save_last=True)
+        t = trainer(
+            tmp_path, [probe, pruning, saver], max_epochs=epochs, logger=False, enable_checkpointing=True
+        )
+        t.fit(Recorder(), train, val, ckpt_path=ckpt_path)
+        return probe, pruning
+
+    probe, pruning = fit(2)
     assert probe.checked == 2 * 2  # from the very first step
     assert pruning.distiller is not None
     assert pruning.distiller.report()["source"] == "path"
+    # a resumed fit distils from the same path again, from its first step (the teacher is not stored)
+    state = find_pruning_state(torch.load(tmp_path / "student" / "last.ckpt", weights_only=True))
+    assert state is not None
+    assert state["distillation"]["teacher"] is None
+    probe, pruning = fit(3, ckpt_path=str(tmp_path / "student" / "last.ckpt"))
+    assert probe.checked == 2
 
 
 def test_hidden_state_term_uses_the_teacher_channels_the_student_kept(tmp_path: Path) -> None:

@@ -186,9 +186,7 @@ class Distiller:
                 f"{type(pl_module).__name__}, but it has none of that name; direct children are "
                 f"{[n for n, _ in pl_module.named_children()]}."
             )
-        if cfg.source == "dense" and self.teacher is None:
-            check_copyable(pl_module, skip=[getattr(pl_module, "_trainer", None)])
-        elif cfg.source == "module":
+        if cfg.source == "module":
             assert isinstance(cfg.teacher, nn.Module)
             shared = {id(p) for p in pl_module.parameters()} & {id(p) for p in cfg.teacher.parameters()}
             if shared:
@@ -296,6 +294,12 @@ class Distiller:
         if placed:
             self.fingerprint = self.fingerprint or fingerprint(teacher)
 
+    def _use_loaded(self) -> None:
+        assert self._loaded is not None
+        assert self.target is not None
+        self._use(self._loaded.get_submodule(self.target), placed=False)
+        self._loaded = None
+
     def _teacher_tap(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             self._teacher_taps[name] = output
@@ -377,6 +381,8 @@ class Distiller:
                 "and no teacher (it was written without `distillation`). The dense model is gone: give one, "
                 "`Distillation(teacher='<a checkpoint written before the first event>')`."
             )
+        if self._loaded is not None and self.target is not None:
+            self._use_loaded()  # a checkpoint-path teacher on a resumed fit (the target is known)
         if self.checked and self.teacher is None:
             return original(*args, **kwargs)  # the dense copy comes at the first event
         self._place(pl_module)
@@ -461,9 +467,10 @@ class Distiller:
                         f"Expected `HiddenStates` layer {name!r} to be a layer with a weight (Linear, Conv, a "
                         f"normalisation, Embedding) inside `{target or cls}`, but found {what}."
                     )
+        if self.config.source == "dense" and self.teacher is None:
+            check_copyable(root, skip=[getattr(pl_module, "_trainer", None)])  # copied at the first event
         if self._loaded is not None:
-            self._use(self._loaded.get_submodule(target), placed=False)
-            self._loaded = None
+            self._use_loaded()
             self._place(pl_module)
         if self.teacher is not None:
             call = mine[0]
