@@ -17,6 +17,7 @@ from lightning_hprune.callbacks.levels import (
 from lightning_hprune.checkpoint import load_pruned, restore_structure
 from lightning_hprune.core.blocks import BlockLevel
 from lightning_hprune.core.closed_loop import ClosedLoop
+from lightning_hprune.core.distill import Distillation, HiddenStates
 from lightning_hprune.core.graph import PruningError
 from lightning_hprune.core.importance import IntegratedImportance
 from lightning_hprune.core.levels import GlobalLevel, LayerLevel, UnitLevel, WindowLevel
@@ -29,8 +30,10 @@ __all__ = [
     "BlockLevel",
     "BlockPruning",
     "ClosedLoop",
+    "Distillation",
     "GlobalLevel",
     "GlobalPruning",
+    "HiddenStates",
     "HierarchicalPruning",
     "IntegratedImportance",
     "LayerLevel",

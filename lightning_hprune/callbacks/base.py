@@ -25,6 +25,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_hprune.callbacks import reporting
+from lightning_hprune.callbacks.distillation import Distiller
 from lightning_hprune.callbacks.inputs import example_from_batch, first_sample, model_input_from_batch
 from lightning_hprune.callbacks.transaction import (
     describe_failure,
@@ -36,6 +37,7 @@ from lightning_hprune.callbacks.transaction import (
 )
 from lightning_hprune.checkpoint import STATE_MARKER, find_pruning_state
 from lightning_hprune.core.closed_loop import ClosedLoop
+from lightning_hprune.core.distill import Distillation
 from lightning_hprune.core.graph import PruningError, match_modules
 from lightning_hprune.core.importance import Importance
 from lightning_hprune.core.levels import Level
@@ -117,6 +119,9 @@ class PruningCallback(Callback):
         tolerance: stop a level when within this fraction of the dense cost above its target.
         calibration_batches: training batches kept (on the CPU) during event epochs for data-driven levels
             and criteria.
+        distillation: a :class:`~lightning_hprune.Distillation`: recover by distilling from the dense model
+            (a frozen copy taken just before the first event) or a teacher you give; its term is added to the
+            loss ``training_step`` returns. See ``docs/distillation.md``.
         verbose: print one line per event and a before/after table at the end.
         uniform_widths: for Hugging Face transformers (a known layout), keep one width per kind (heads, key/value
             heads, FFN, hidden size) across layers, so the model's own ``save_pretrained`` /
@@ -151,6 +156,7 @@ class PruningCallback(Callback):
         latency_batch_size: int = 32,
         tolerance: float = 0.002,
         calibration_batches: int = 4,
+        distillation: Distillation | None = None,
         verbose: bool = True,
         uniform_widths: bool = True,
     ) -> None:
@@ -174,6 +180,12 @@ class PruningCallback(Callback):
             uniform_widths=uniform_widths,
         )
         self._own_levels = list(levels)
+        if distillation is not None and not isinstance(distillation, Distillation):
+            raise ValueError(
+                f"Expected argument `distillation` to be a `Distillation` or None, but got {distillation!r}."
+            )
+        #: Runs the distillation (``None`` without one); its state travels in this callback's checkpoint entry.
+        self.distiller = None if distillation is None else Distiller(distillation, self.session)
         self.verbose = bool(verbose)
         #: The callback whose session runs the events (``self`` unless it cooperates under another one).
         self._leader: PruningCallback = self
@@ -250,13 +262,18 @@ class PruningCallback(Callback):
     def state_dict(self) -> dict[str, Any]:
         if self._leader is not self:
             return {"marker": STATE_MARKER, "version": 2, "member_of": self._leader.state_key}
-        return {"marker": STATE_MARKER, **self.session.state_dict()}
+        state = {"marker": STATE_MARKER, **self.session.state_dict()}
+        if self.distiller is not None:
+            state["distillation"] = self.distiller.state_dict()
+        return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "member_of" in state_dict or self._leader is not self:
             return  # the leader's entry holds the state
         self.session.load_state_dict(state_dict)
+        if self.distiller is not None and state_dict.get("distillation"):
+            self.distiller.load_state_dict(state_dict["distillation"])
 
     @override
     def on_load_checkpoint(
@@ -268,7 +285,7 @@ class PruningCallback(Callback):
             return
         state = find_pruning_state(checkpoint)
         if state is not None:
-            self.session.load_state_dict(state)
+            self.load_state_dict(state)
 
     def _find_state(self, checkpoint: Mapping[str, Any]) -> dict[str, Any] | None:
         own = (checkpoint.get("callbacks") or {}).get(self.state_key)
@@ -305,12 +322,17 @@ class PruningCallback(Callback):
         # Lightning loads a checkpoint's weights before callbacks' `on_load_checkpoint`: rebuild the
         # pruned structure from the module's own `on_load_checkpoint`, which runs first.
         self._patch_module_restore(pl_module)
+        if self.distiller is not None:
+            self.distiller.setup(trainer, pl_module)
 
     def _compose(self, members: Sequence[PruningCallback]) -> None:
         """Run the levels of cooperating callbacks too, after refusing settings they disagree on."""
-        mine = self.session.settings()
+        mine = {**self.session.settings(), "distillation": repr(self.distiller and self.distiller.config)}
         for other in members:
-            theirs = other.session.settings()
+            theirs = {
+                **other.session.settings(),
+                "distillation": repr(other.distiller and other.distiller.config),
+            }
             differ = {k: (mine[k], theirs[k]) for k in mine if mine[k] != theirs[k]}
             if differ:
                 detail = "; ".join(f"{k}: {a} vs {b}" for k, (a, b) in differ.items())
@@ -377,10 +399,13 @@ class PruningCallback(Callback):
         if "on_load_checkpoint" in pl_module.__dict__:
             return
         original = pl_module.on_load_checkpoint
-        session, find = self.session, self._find_state
+        session, find, distiller = self.session, self._find_state, self.distiller
 
         def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
             state = find(checkpoint)
+            if distiller is not None and state:
+                # The dense teacher comes from this (still unpruned) module, before its structure is rebuilt.
+                distiller.restore(pl_module, state.get("distillation"))
             graph = session.graph
             if state and history_of(state) and (graph is None or graph.model is not pl_module):
                 with eager():
@@ -395,6 +420,16 @@ class PruningCallback(Callback):
         if self._patched_module is not None:
             self._patched_module.__dict__.pop("on_load_checkpoint", None)
             self._patched_module = None
+        if self.distiller is not None:
+            self.distiller.teardown()
+
+    @override
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        # Lightning does not call `teardown` after a failed fit: unwrap `training_step` here.
+        if self.distiller is not None:
+            self.distiller.teardown()
 
     # ------------------------------------------------------------------ hooks
     def _leads(self) -> bool:
@@ -470,6 +505,8 @@ class PruningCallback(Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._leads():
             return
+        if self.distiller is not None:
+            self.distiller.epoch_ended()
         session, epoch = self.session, trainer.current_epoch
         retry = False
         if session.loop is not None and session.loop.due(epoch) is not None:
@@ -488,7 +525,8 @@ class PruningCallback(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._leads():
             return
-        done = reporting.finish(trainer, self.session, pl_module, self.verbose)
+        extra = None if self.distiller is None else {"distillation": self.distiller.report()}
+        done = reporting.finish(trainer, self.session, pl_module, self.verbose, extra)
         if done is not None:
             self.summary, self.report_table = done
 
@@ -515,6 +553,8 @@ class PruningCallback(Callback):
         def restore_wrapper() -> None:
             strategy.model = wrapper  # still bound to the restored (original) parameters
 
+        if self.distiller is not None:
+            self.distiller.before_event(trainer, pl_module)  # the dense teacher, before the first event
         snapshot = session.snapshot(pl_module, trainer.optimizers, on_restore=[restore_wrapper])
         try:
             with forward_failures(pl_module) as failures, eager():
@@ -540,6 +580,8 @@ class PruningCallback(Callback):
                     metric,
                     trainer.max_epochs,
                 )
+                if self.distiller is not None:
+                    self.distiller.after_event(pl_module, result.surgery)
                 reporting.log_event(trainer, session, record, self.verbose)
                 reporting.log_decision(trainer, session, entry, self.verbose)
         except BaseException as err:

@@ -106,11 +106,16 @@ def summarize(
 
 
 def finish(
-    trainer: pl.Trainer, session: PruningSession, model: nn.Module, verbose: bool
+    trainer: pl.Trainer,
+    session: PruningSession,
+    model: nn.Module,
+    verbose: bool,
+    extra: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, Any], str] | None:
     """Summarise the fit: log the final metrics and write the report (rank 0).
 
-    Every rank must call it (``trainer.log_dir`` broadcasts under DDP).
+    Every rank must call it (``trainer.log_dir`` broadcasts under DDP). ``extra`` entries (e.g. the
+    distillation's measured cost) are added to the summary.
 
     Returns:
         ``(summary, before/after table)``, or ``None`` when no event ran.
@@ -124,6 +129,7 @@ def finish(
     if monitor is not None and monitor in trainer.callback_metrics:
         value = float(trainer.callback_metrics[monitor])
     summary = summarize(session, final, value, model)
+    summary.update(extra or {})
     metrics = {
         "hprune/final_params": final["params"],
         "hprune/final_macs": final["macs"],
