@@ -220,8 +220,10 @@ class BlockLevel(ModuleLevel):
 
     Candidates are found by :func:`find_blocks` and scored by :func:`block_scores` on the calibration
     inputs the callback keeps (the example input when there are none). Blocks go lowest score first; a
-    block is removed only when its whole cost fits in what remains of the level's budget, when its score is
-    at most ``max_score`` (if set), and while fewer than ``max_blocks`` blocks have been removed in total.
+    block is removed when its cost fits in what remains of the level's budget, or overshoots it by less than
+    what it closes while staying within the event's overall target (``ctx.slack``: the level rounds to the
+    nearest whole block and the finer levels remove less), when its score is at most ``max_score`` (if set),
+    and while fewer than ``max_blocks`` blocks have been removed in total.
     With a cumulative budget (see :func:`~lightning_hprune.core.engine.plan_steps`), a block that does not
     fit at one event may fit at a later one.
 
@@ -287,12 +289,18 @@ class BlockLevel(ModuleLevel):
         scores, refused = block_scores(ctx.model, names, inputs, self.metric, ctx.example_inputs)
         costs = ctx.cost_of_modules(list(scores))
         chosen: list[str] = []
-        left = budget
+        left, slack = budget, ctx.slack
         for name in sorted(scores, key=lambda n: scores[n]):
             if len(chosen) >= room or (self.max_score is not None and scores[name] > self.max_score):
                 break
-            if 0 < costs[name] <= left:
+            cost = costs[name]
+            # A block goes when it fits, or when it overshoots the level's budget by less than the budget it
+            # closes and no further than the event's own target allows (`ctx.slack`): the level rounds to the
+            # nearest whole block, and the finer levels after it remove that much less.
+            over = cost - left
+            if cost > 0 and (over <= 0 or (over <= left and over <= slack)):
                 chosen.append(name)
-                left -= costs[name]
+                slack -= max(0.0, over)
+                left -= cost
         ctx.info.update(scores=scores, refused=refused, predicted=budget - left)
         return chosen

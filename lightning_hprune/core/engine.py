@@ -65,6 +65,7 @@ def prune_level(
     strict: bool = False,
     sensitivity: Mapping[str, float] | None = None,
     name: str | None = None,
+    floor_cost: float | None = None,
 ) -> tuple[LevelRecord, ParameterSurgery]:
     """Prune with ``level`` until the measured cost is at most ``target_cost + tolerance``.
 
@@ -98,6 +99,7 @@ def prune_level(
             removed_modules=graph.removed_modules(),
             sensitivity=sensitivity,
             at_least=strict,
+            slack=0.0 if floor_cost is None else max(0.0, target_cost - floor_cost),
         )
         plan = level.plan(ctx, gap)
         if agree is not None:
@@ -214,6 +216,7 @@ def run_event(
                     strict=strict and i == len(steps) - 1,
                     sensitivity=sensitivity,
                     name=name,
+                    floor_cost=steps[-1][1],
                 )
                 surgery.merge(s)
                 results.append(res)

@@ -482,8 +482,9 @@ class PruningGraph:
                 order = self.family.layers(self.model)
                 # Removed from the last to the first, and recorded so: a replay step by step names the same layers.
                 names = sorted(names, key=lambda n: order.index(n) if n in order else -1, reverse=True)
+                was = {name: self._original_layer_name(name) for name in names}
                 self.family.remove_layers(self.model, names)
-                self.history.extend({"op": "remove_layer", "module": name} for name in names)
+                self.history.extend({"op": "remove_layer", "module": n, "was": was[n]} for n in names)
                 self.rebuild()
                 return
             for name in names:
@@ -500,6 +501,24 @@ class PruningGraph:
     def removed_modules(self) -> list[str]:
         """Modules removed whole so far (replaced by a ``SkippedBlock``, or layers taken out of a layer list)."""
         return removed_modules(self.history)
+
+    def _original_layer_name(self, name: str) -> str:
+        """The name a layer had before earlier removals from the same layer list shifted the indices."""
+        path, _, index = name.rpartition(".")
+        if not index.isdigit():
+            return name
+        gone = sorted(
+            int(str(h.get("was", h["module"])).rpartition(".")[2])
+            for h in self.history
+            if h.get("op") == "remove_layer" and str(h.get("was", h["module"])).rpartition(".")[0] == path
+        )
+        original, left = 0, int(index)
+        while True:  # the `index`-th original index that is still there
+            if original not in gone:
+                if left == 0:
+                    return f"{path}.{original}"
+                left -= 1
+            original += 1
 
     def replay(self, history: Sequence[Mapping[str, Any]]) -> None:
         """Re-apply a recorded pruning history to an unpruned model of the same architecture."""
@@ -518,8 +537,8 @@ REMOVAL_OPS = ("identity", "remove_layer")
 
 
 def removed_modules(history: Sequence[Mapping[str, Any]]) -> list[str]:
-    """Names of the modules a history removed whole, in order (each as named when it was removed)."""
-    return [str(h["module"]) for h in history if h.get("op") in REMOVAL_OPS]
+    """Names of the modules a history removed whole, in order (a layer taken out of a list: its original name)."""
+    return [str(h.get("was", h["module"])) for h in history if h.get("op") in REMOVAL_OPS]
 
 
 def _forward_fn(model: nn.Module, example_inputs: Any) -> Any:

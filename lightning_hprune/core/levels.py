@@ -59,6 +59,8 @@ class SelectionContext:
         sensitivity: per-layer sensitivities measured by the callback's sensitivity analysis, if any.
         at_least: the budget is a minimum (the schedule's last step): a level that finds nothing within
             the budget should take the selection that closes it with the least overshoot.
+        slack: how far past its own budget the level may go without passing the event's overall target (the
+            finer levels after it then remove less); 0 for the last level.
         info: what the level reports back (predicted saving, chosen ratio, ...), for logs and tests.
 
     """
@@ -76,6 +78,7 @@ class SelectionContext:
         removed_modules: Sequence[str] = (),
         sensitivity: Mapping[str, float] | None = None,
         at_least: bool = False,
+        slack: float = 0.0,
         *,
         graph: PruningGraph | None = None,
         importance: Importance | None = None,
@@ -91,6 +94,7 @@ class SelectionContext:
         self.removed_modules = list(removed_modules)
         self.sensitivity = None if sensitivity is None else dict(sensitivity)
         self.at_least = at_least
+        self.slack = max(0.0, float(slack))
         self.info: dict[str, Any] = {}
         self._graph, self._importance, self._cost_kind, self._original = (
             graph,

@@ -25,7 +25,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
@@ -281,7 +280,10 @@ class DocstringDataModule(pl.LightningDataModule):
 
 
 class MiniLMClassifier(pl.LightningModule):
-    """The bundled all-MiniLM-L6-v2 encoder, mean-pooled, and a linear head over :data:`LABELS`.
+    """The bundled all-MiniLM-L6-v2 as a Hugging Face ``BertForSequenceClassification`` over :data:`LABELS`.
+
+    The encoder starts from the pre-trained weights; the pooler and the classifier are new. Being a Hugging
+    Face model, the pruned network is saved with ``save_pretrained`` and reloaded by plain transformers.
 
     Args:
         lr: AdamW learning rate.
@@ -290,16 +292,26 @@ class MiniLMClassifier(pl.LightningModule):
 
     """
 
-    def __init__(self, lr: float = 5e-5, weight_decay: float = 0.01, max_length: int = 64) -> None:
+    def __init__(self, lr: float = 1e-4, weight_decay: float = 0.01, max_length: int = 64) -> None:
         super().__init__()
         self.save_hyperparameters()
-        from transformers import AutoModel
+        from transformers import AutoModelForSequenceClassification
+        from transformers.utils import logging as hf_logging
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            self.encoder = AutoModel.from_pretrained(minilm_path())
-        self.encoder.train()  # `from_pretrained` returns it in eval mode (dropout off)
-        self.head = nn.Linear(self.encoder.config.hidden_size, len(LABELS))
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # "some weights are newly initialized": the pooler and the classifier
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self.net = AutoModelForSequenceClassification.from_pretrained(
+                    minilm_path(),
+                    num_labels=len(LABELS),
+                    id2label=dict(enumerate(LABELS)),
+                    label2id={label: i for i, label in enumerate(LABELS)},
+                )
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        self.net.train()  # `from_pretrained` returns it in eval mode (dropout off)
         self.example_input_array = {
             "input_ids": torch.full((1, max_length), 1000, dtype=torch.long),
             "attention_mask": torch.ones(1, max_length, dtype=torch.long),
@@ -307,14 +319,8 @@ class MiniLMClassifier(pl.LightningModule):
         self.val_acc = MulticlassAccuracy(num_classes=len(LABELS), average="micro")
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Class logits of a batch of token ids (mean over the unmasked tokens, then the head)."""
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        if attention_mask is None:
-            pooled = hidden.mean(1)
-        else:
-            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        return self.head(pooled)
+        """Class logits of a batch of token ids."""
+        return self.net(input_ids=input_ids, attention_mask=attention_mask).logits
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         """Cross-entropy of one batch."""

@@ -71,20 +71,22 @@ class FamilyGroup(ChannelGroup):
         return self.allowed is None or width in self.allowed
 
     def score(self, importance: Importance) -> torch.Tensor:
-        """Score every slot's units; the group's unit ``r`` scores the mean rank-``r`` normalised score."""
-        parts = []
+        """Rank every slot's units by the criterion; the group's own units score their rank (neutral quantiles).
+
+        How unequal the units of one kind are (their normalised spread) says nothing about whether that kind
+        matters more than another, and the group's units are interchangeable anyway: they only say *how many*
+        to remove, each slot then removing its lowest-scoring ones. So every layout group scores its units
+        ``0, 1/(n-1), ..., 1``: levels that rank across groups remove about the same share of every kind, and
+        the criterion decides which units go in each layer.
+        """
         for slot in self.slots:
             s = importance.score_cuts(slot.cuts).float().flatten()
             if s.numel() != slot.size:
                 raise ValueError(
                     f"Expected {slot.size} scores for the units of {slot.name!r}, but the criterion gave {s.numel()}."
                 )
-            order = torch.argsort(s, stable=True)
-            self._ranking[slot.name] = order.tolist()
-            mean = s.abs().mean()
-            ranked = (s[order] / mean if mean > 0 else torch.zeros_like(s))[: self.size * slot.per_unit]
-            parts.append(ranked.reshape(self.size, slot.per_unit).mean(1))
-        return torch.stack(parts).mean(0)
+            self._ranking[slot.name] = torch.argsort(s, stable=True).tolist()
+        return torch.linspace(0.0, 1.0, self.size) if self.size > 1 else torch.zeros(self.size)
 
     def expand(self, units: Sequence[int]) -> dict[str, list[int]]:
         """What removing ``len(units)`` of this group's units removes in each slot (its lowest-scoring ones)."""
