@@ -20,6 +20,7 @@ from lightning_hprune.core.closed_loop import ClosedLoop
 from lightning_hprune.core.graph import PruningError
 from lightning_hprune.core.importance import IntegratedImportance
 from lightning_hprune.core.levels import GlobalLevel, LayerLevel, UnitLevel, WindowLevel
+from lightning_hprune.core.measure import LatencyMeasurement
 from lightning_hprune.core.sensitivity import SensitivityAnalysis
 from lightning_hprune.export import export_pruned
 
@@ -33,6 +34,7 @@ __all__ = [
     "GlobalPruning",
     "HierarchicalPruning",
     "IntegratedImportance",
+    "LatencyMeasurement",
     "LayerLevel",
     "LayerPruning",
     "PruningError",

@@ -315,8 +315,7 @@ def hierarchy(summary: Mapping[str, Any], max_layers: int = 80) -> Any:
     rows = [values[i] for i in shown]
     height = min(max(3.0, 0.26 * len(shown) + 2.2), 24.0)
     fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(columns) + 4.5), height))
-    cmap = ListedColormap(plt.get_cmap("viridis")(range(256)))
-    cmap.set_bad("#d9d9d9")
+    cmap = ListedColormap(plt.get_cmap("viridis")(range(256))).with_extremes(bad="#d9d9d9")
     image = ax.imshow([[100 * v for v in r] for r in rows], aspect="auto", cmap=cmap, vmin=0, vmax=100)
     if len(shown) * len(columns) <= 600:
         for r, i in enumerate(shown):
@@ -364,8 +363,8 @@ def decisions(summary: Mapping[str, Any]) -> Any:
     events = summary.get("events_log", [])
     if events:
         top.step(
-            [0] + [int(e["epoch"]) for e in events],
-            [0.0] + [100 * float(e["removed"]) for e in events],
+            [0] + [int(e["epoch"]) for e in events] + [_last_epoch(summary)],
+            [0.0] + [100 * float(e["removed"]) for e in events] + [100 * float(events[-1]["removed"])],
             where="post",
             color="#264653",
             lw=1.5,
@@ -402,8 +401,10 @@ def decisions(summary: Mapping[str, Any]) -> Any:
     if checks:
         for d in checks:
             action = str(d["action"])
-            bottom.bar(
-                int(d["epoch"]), 100 * float(d["drop"]), color=_COLORS.get(action, "#555555"), width=0.6
+            color = _COLORS.get(action, "#555555")
+            bottom.bar(int(d["epoch"]), 100 * float(d["drop"]), color=color, width=0.5, alpha=0.6)
+            bottom.plot(
+                [int(d["epoch"])], [100 * float(d["drop"])], _MARKERS.get(action, "o"), color=color, ms=8
             )
         max_drop = summary.get("max_drop")
         if isinstance(max_drop, (int, float)):
@@ -418,6 +419,7 @@ def decisions(summary: Mapping[str, Any]) -> Any:
             lw=1,
         )
         twin.set_ylabel("rate (step multiplier)", color="#3a86ff")
+        twin.set_ylim(0, max(float(d["rate"]) for d in entries) * 1.25)
         _plain(twin)
     else:
         bottom.text(
