@@ -108,4 +108,5 @@ def test_monitor_never_logged_raises_clearly(tmp_path):
         ValueError, match=r"metric 'val_accuracy'.*first validation.*logged metrics are \[.*'val_acc'"
     ):
         t.fit(TinyCNN(), train, val)
-    assert t.current_epoch == 0 and cb.event_index == 0
+    assert t.current_epoch == 0
+    assert cb.event_index == 0

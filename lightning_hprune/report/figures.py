@@ -211,10 +211,10 @@ def _latency_panel(
     base = summary.get("baseline_latency")
     lat = summary.get("latency")
     drawn = False
-    if isinstance(base, Mapping) and events:
-        _errorbar(
-            ax, int(events[0]["epoch"]), base, fmt="s", color="#f4a261", label="dense, before the first event"
-        )
+    first = [int(d["epoch"]) for d in summary.get("decisions", []) if d.get("action") == "pruned"]
+    first += [int(e["epoch"]) for e in events]
+    if isinstance(base, Mapping) and first:
+        _errorbar(ax, min(first), base, fmt="s", color="#f4a261", label="dense, before the first event")
         drawn = True
     per_event = [e for e in events if isinstance(e.get("latency_ms"), (int, float))]
     if per_event:
@@ -231,11 +231,11 @@ def _latency_panel(
             )
         drawn = True
     if isinstance(lat, Mapping) and lat.get("pruned"):
-        _errorbar(ax, last, lat["pruned"], fmt="o", color="#2a9d8f", ms=7, label="pruned, end of fit")
+        _errorbar(ax, last + 0.12, lat["pruned"], fmt="o", color="#2a9d8f", ms=7, label="pruned, end of fit")
         if lat.get("interleaved"):
             _errorbar(
                 ax,
-                last,
+                last - 0.12,
                 lat["dense"],
                 fmt="D",
                 mfc="none",
