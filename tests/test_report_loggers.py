@@ -50,7 +50,9 @@ def _png_ok(path) -> None:
 def test_figures_reach_tensorboard_mlflow_wandb_and_files(tmp_path, monkeypatch):
     pytest.importorskip("mlflow")
     pytest.importorskip("wandb")
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # the local file store (mlflow 3 prefers a database)
+    monkeypatch.setenv(
+        "MLFLOW_ALLOW_FILE_STORE", "true"
+    )  # the local file store (mlflow 3 prefers a database)
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
