@@ -57,7 +57,8 @@ def curves(report: Mapping[str, Any]) -> dict[str, list[float]]:
         if key in before and all(key in e for e in events):
             out[key] = [float(before[key])] + [float(e[key]) for e in events]
     if metric is not None and before.get(metric) is not None and all(metric in e for e in events):
-        out[metric] = [float(e[metric]) for e in events] + [float(report["after"][metric])]
+        dense = float(before[metric])  # the baseline, before the first event (even a rolled-back one)
+        out[metric] = [dense] + [float(e[metric]) for e in events[1:]] + [float(report["after"][metric])]
     return out
 
 

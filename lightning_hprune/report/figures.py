@@ -80,7 +80,9 @@ def _metric_points(summary: Mapping[str, Any]) -> list[float]:
     after = summary.get("after", {})
     if not monitor or not events or not all(monitor in e for e in events) or after.get(monitor) is None:
         return []
-    return [float(e[monitor]) for e in events] + [float(after[monitor])]
+    # The dense point is the baseline (before the first event, even if that event was rolled back).
+    dense = summary.get("before", {}).get(monitor, events[0][monitor])
+    return [float(dense)] + [float(e[monitor]) for e in events[1:]] + [float(after[monitor])]
 
 
 def pruning_curve(summary: Mapping[str, Any]) -> Any:
