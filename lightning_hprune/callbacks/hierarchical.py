@@ -70,5 +70,8 @@ class HierarchicalPruning(PruningCallback):
         **kwargs: Any,
     ) -> None:
         super().__init__(
-            levels=default_levels() if levels is None else [build_level(lv) for lv in levels], **kwargs
+            levels=default_levels()
+            if levels is None
+            else [build_level(lv) if isinstance(lv, Mapping) else lv for lv in levels],
+            **kwargs,
         )

@@ -52,9 +52,9 @@ def run_dir(trainer: pl.Trainer) -> str:
 
 def say(trainer: pl.Trainer, message: str) -> None:
     """Print ``message`` on rank zero, above the progress bar while it runs (so the bar stays intact)."""
-    if not trainer.is_global_zero:
+    if not getattr(trainer, "is_global_zero", True):
         return
-    bar = trainer.progress_bar_callback
+    bar = getattr(trainer, "progress_bar_callback", None)
     training = getattr(bar, "_train_progress_bar", None)
     if isinstance(bar, TQDMProgressBar) and training is not None and not training.disable:
         bar.print(message)
