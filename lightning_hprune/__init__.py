@@ -21,6 +21,7 @@ from lightning_hprune.core.distill import Distillation, HiddenStates
 from lightning_hprune.core.graph import PruningError
 from lightning_hprune.core.importance import IntegratedImportance
 from lightning_hprune.core.levels import GlobalLevel, LayerLevel, UnitLevel, WindowLevel
+from lightning_hprune.core.measure import LatencyMeasurement
 from lightning_hprune.core.sensitivity import SensitivityAnalysis
 from lightning_hprune.export import export_pruned
 
@@ -36,6 +37,7 @@ __all__ = [
     "HiddenStates",
     "HierarchicalPruning",
     "IntegratedImportance",
+    "LatencyMeasurement",
     "LayerLevel",
     "LayerPruning",
     "PruningError",

@@ -30,6 +30,18 @@ from lightning_hprune.core.session import history_of
 
 STATE_MARKER = "lightning_hprune"
 
+#: Written at the top level of every checkpoint of a pruned model (``checkpoint["lightning_hprune"]``).
+LOAD_HINT = {
+    "pruned": True,
+    "how_to_load": (
+        "This checkpoint holds a pruned model: its tensors are smaller than a freshly built model's, so "
+        "MyModule.load_from_checkpoint(path) alone fails with 'size mismatch'. Use "
+        "lightning_hprune.load_pruned(MyModule, path), or add "
+        "`def on_load_checkpoint(self, checkpoint): lightning_hprune.restore_structure(self, checkpoint)` "
+        "to MyModule; to resume training, trainer.fit(model, ckpt_path=path) with the pruning callback."
+    ),
+}
+
 T = TypeVar("T", bound=nn.Module)
 
 

@@ -27,7 +27,7 @@ def test_digits_example_through_the_cli(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout + proc.stderr
-    for word in ("before", "after", "latency_ms"):  # the before/after table
+    for word in ("before", "after", "latency", "pruning_report.html"):  # the before/after table, the report
         assert word in out
     [report_path] = glob.glob(
         str(tmp_path / "logs" / "digits_cnn" / "csv" / "version_*" / "hprune_report.json")

@@ -155,7 +155,11 @@ def test_ddp_ranks_score_and_prune_identically(tmp_path: Path) -> None:
     assert s0["history"]
     assert s0 == s1  # the same channels, in the same order, on both processes
     assert s0["widths"] != [16, 32, 32]
-    assert (tmp_path / "hprune_report.json").is_file()  # written by rank 0 only, into default_root_dir
+    # written by rank 0 only, one run directory per fit under default_root_dir (no logger; two fits)
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.glob("**/hprune_report.json")) == [
+        "hprune_logs/version_0/hprune_report.json",
+        "hprune_logs/version_1/hprune_report.json",
+    ]
     for event in (0, 1):
         r0 = json.loads((tmp_path / f"event{event}_rank0.json").read_text())
         r1 = json.loads((tmp_path / f"event{event}_rank1.json").read_text())

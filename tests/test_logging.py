@@ -55,8 +55,9 @@ def test_csv_and_tensorboard_series(tmp_path):
     assert retained[0] == pytest.approx(1.0)
     for m, r in zip(metric, retained, strict=True):
         assert r == pytest.approx(m / metric[0])
-    # the latency curve and the final values are logged too
-    assert len(_series(rows, "hprune/latency_ms")) == 3
+    # latency is measured at the ends only by default (per event: opt-in), the final values are logged
+    assert _series(rows, "hprune/latency_ms") == []
+    assert len(_series(rows, "hprune/final_latency_ms")) == 1
     assert _series(rows, "hprune/final_params") == [params[-1]]
     assert _series(rows, "hprune/final_removed")[0] == pytest.approx(removed[-1])
 
@@ -88,7 +89,7 @@ def test_csv_and_tensorboard_series(tmp_path):
     # visual analysis: the curves figure is drawn from the same series
     from lightning_hprune.report import curves
 
-    png = os.path.join(t.log_dir, "hprune_curves.png")
+    png = os.path.join(t.log_dir, "hprune_pruning_curve.png")
     assert os.path.getsize(png) > 1000
     with open(png, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
@@ -102,5 +103,10 @@ def test_monitor_never_logged_raises_clearly(tmp_path):
     cb = HierarchicalPruning(monitor="val_accuracy", start_epoch=0, end_epoch=0, verbose=False)
     t = trainer(tmp_path, [cb], max_epochs=1)
     train, val = loaders()
-    with pytest.raises(RuntimeError, match=r"metric 'val_accuracy'.*logged metrics are \[.*'val_acc'"):
+    # detected at the end of the first validation, before the event at the end of that epoch
+    with pytest.raises(
+        ValueError, match=r"metric 'val_accuracy'.*first validation.*logged metrics are \[.*'val_acc'"
+    ):
         t.fit(TinyCNN(), train, val)
+    assert t.current_epoch == 0
+    assert cb.event_index == 0

@@ -21,10 +21,11 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from lightning_hprune.callbacks import reporting
+from lightning_hprune.callbacks.checks import dict_example_error, monitor_error
 from lightning_hprune.callbacks.distillation import Distiller
 from lightning_hprune.callbacks.inputs import example_from_batch, first_sample, model_input_from_batch
 from lightning_hprune.callbacks.transaction import (
@@ -35,12 +36,13 @@ from lightning_hprune.callbacks.transaction import (
     recompile,
     weight_averaging_types,
 )
-from lightning_hprune.checkpoint import STATE_MARKER, find_pruning_state
+from lightning_hprune.checkpoint import LOAD_HINT, STATE_MARKER, find_pruning_state
 from lightning_hprune.core.closed_loop import ClosedLoop
 from lightning_hprune.core.distill import Distillation
 from lightning_hprune.core.graph import PruningError, match_modules
 from lightning_hprune.core.importance import Importance
 from lightning_hprune.core.levels import Level
+from lightning_hprune.core.measure import LatencyMeasurement
 from lightning_hprune.core.optim_state import ParameterSurgery, remap_optimizer
 from lightning_hprune.core.schedules import EventSchedule
 from lightning_hprune.core.sensitivity import SensitivityAnalysis, batch_metric, cached_sensitivity
@@ -114,8 +116,12 @@ class PruningCallback(Callback):
             ``monitor``. See ``docs/criteria.md``.
         sensitivity: a :class:`~lightning_hprune.SensitivityAnalysis` run once before the first event; its
             per-layer sensitivities go to every ``LayerLevel`` given no ratios.
-        measure_latency: measure forward latency at each event (CPU or GPU, wherever the model is).
-        latency_batch_size: batch size of the latency measurement.
+        measure_latency: ``True`` (default): forward latency of the dense model before the first event and,
+            at the end of fit, of the pruned model interleaved with a CPU copy of the dense one (median,
+            interquartile range, the ratio with its spread; see ``docs/reports.md``); a
+            :class:`~lightning_hprune.core.measure.LatencyMeasurement` to change how (``per_event=True``
+            also measures after every event; ``dense_copy=False`` saves the copy's CPU memory); ``False``:
+            never.
         tolerance: stop a level when within this fraction of the dense cost above its target.
         calibration_batches: training batches kept (on the CPU) during event epochs for data-driven levels
             and criteria.
@@ -152,8 +158,7 @@ class PruningCallback(Callback):
         mode: str = "max",
         closed_loop: ClosedLoop | None = None,
         sensitivity: SensitivityAnalysis | None = None,
-        measure_latency: bool = True,
-        latency_batch_size: int = 32,
+        measure_latency: bool | LatencyMeasurement = True,
         tolerance: float = 0.002,
         calibration_batches: int = 4,
         distillation: Distillation | None = None,
@@ -175,7 +180,6 @@ class PruningCallback(Callback):
             closed_loop=closed_loop,
             calibration_batches=calibration_batches,
             measure_latency=measure_latency,
-            latency_batch_size=latency_batch_size,
             sensitivity=sensitivity,
             uniform_widths=uniform_widths,
         )
@@ -190,6 +194,7 @@ class PruningCallback(Callback):
         #: The callback whose session runs the events (``self`` unless it cooperates under another one).
         self._leader: PruningCallback = self
         self._patched_module: pl.LightningModule | None = None
+        self._monitor_checked = False
 
     # ------------------------------------------------------------------ read-only views of the session
     target = _Setting(lambda s: s.target, "The fraction of the cost to remove.")
@@ -200,7 +205,7 @@ class PruningCallback(Callback):
     end_epoch = _Setting(lambda s: s.schedule.end_epoch, "The last event epoch given (``None``: resolved).")
     every_n_epochs = _Setting(lambda s: s.schedule.every_n_epochs, "Epochs between events.")
     importance = _Setting(lambda s: s.importance, "The criterion.")
-    measure_latency = _Setting(lambda s: s.measure_latency, "Whether latency is measured at each event.")
+    measure_latency = _Setting(lambda s: s.latency, "How latency is measured (``None``: never).")
 
     @property
     def levels(self) -> list[Level]:
@@ -316,6 +321,8 @@ class PruningCallback(Callback):
                 f"{type(pl_module).__name__}, but {unmatched} matched none. Module names look like "
                 f"{[n for n, _ in pl_module.named_modules() if n][:6]}."
             )
+        self.session.latency_here = trainer.is_global_zero  # the dense copy and the end-of-fit timing
+        self._monitor_checked = False
         warning = self.session.schedule.resolve(trainer.max_epochs)
         if warning:
             rank_zero_warn(f"{type(self).__name__}: {warning}")
@@ -444,6 +451,9 @@ class PruningCallback(Callback):
         if batch is None:
             return
         example = example_from_batch(batch)
+        wrong = dict_example_error(pl_module, batch, example)
+        if wrong is not None:
+            raise ValueError(f"{type(self).__name__}: {wrong}")
         if example is None:
             raise ValueError(
                 f"{type(self).__name__} needs an example input to trace the model. Expected "
@@ -520,6 +530,25 @@ class PruningCallback(Callback):
                 )
             self._example_input(pl_module)
         self._event(trainer, pl_module)
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A misnamed `monitor` fails here, at the end of the first validation, not at the first event.
+        if not self._leads() or getattr(trainer.state, "fn", None) != "fit":
+            return
+        if not getattr(self, "_monitor_checked", True):
+            error = monitor_error(trainer, self.session.monitor, type(self).__name__)
+            if error is not None:
+                raise ValueError(error)
+            self._monitor_checked = not trainer.sanity_checking
+        reporting.log_validation(trainer, self.session)
+
+    @override
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        if self._leads() and self.session.ledger.history:
+            checkpoint["lightning_hprune"] = LOAD_HINT  # for whoever opens the file: how to load it
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -632,20 +661,23 @@ class PruningCallback(Callback):
         cfg = session.sensitivity
         assert cfg is not None
         assert session.graph is not None
-        log_dir = trainer.log_dir or trainer.default_root_dir  # every rank asks: it broadcasts
         drops: dict[str, float] = {}
         if trainer.is_global_zero:
+            log_dir = reporting.run_dir(trainer)
             batches = self._validation_batches(trainer, cfg.batches)
             evaluate = batch_metric(batches, cfg.metric)
             drops, reused = cached_sensitivity(
                 os.path.join(log_dir, "hprune_sensitivity.json"),
-                lambda: session.measure_sensitivity(evaluate),
+                lambda: session.measure_sensitivity(
+                    evaluate, progress=reporting.sensitivity_progress(trainer)
+                ),
                 cfg.settings(),
                 [g.name for g in session.graph.groups()],
             )
-            rank_zero_info(
+            reporting.say(
+                trainer,
                 f"[hprune] sensitivity ({'reused from' if reused else 'measured, saved in'} {log_dir}): "
-                + ", ".join(f"{k}={v:.4f}" for k, v in drops.items())
+                + ", ".join(f"{k}={v:.4f}" for k, v in drops.items()),
             )
         session.use_sensitivity(trainer.strategy.broadcast(drops, src=0))
 

@@ -2,12 +2,33 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+import importlib
+from collections.abc import Mapping, Sequence
+from typing import Any, cast
 
 from lightning_hprune.callbacks.base import PruningCallback
-from lightning_hprune.core.blocks import BlockLevel
-from lightning_hprune.core.levels import GlobalLevel, Level
+from lightning_hprune.core.levels import Level
+
+#: The default hierarchy as class specs, so that ``hprune fit --print_config`` shows it (not ``levels: null``).
+DEFAULT_LEVELS: tuple[dict[str, Any], ...] = (
+    {"class_path": "lightning_hprune.core.blocks.BlockLevel", "init_args": {"share": 0.25}},
+    {"class_path": "lightning_hprune.core.levels.GlobalLevel", "init_args": {"share": 0.75}},
+)
+
+
+def build_level(spec: Level | Mapping[str, Any]) -> Level:
+    """A level from a level or a ``{"class_path": ..., "init_args": {...}}`` spec (as YAML writes it)."""
+    if isinstance(spec, Level):
+        return spec
+    if isinstance(spec, Mapping) and isinstance(spec.get("class_path"), str):
+        module, _, name = spec["class_path"].rpartition(".")
+        cls = getattr(importlib.import_module(module), name)
+        level = cls(**dict(spec.get("init_args") or {}))
+        if isinstance(level, Level):
+            return level
+    raise ValueError(
+        f"Expected every entry of argument `levels` to be a `Level` or a class_path spec of one, but got {spec!r}."
+    )
 
 
 def default_levels() -> list[Level]:
@@ -19,7 +40,7 @@ def default_levels() -> list[Level]:
     2. :class:`~lightning_hprune.core.levels.GlobalLevel` (the rest): channels ranked across the whole
        network, scores normalised per layer, no layer losing more than 80 % of its width.
     """
-    return [BlockLevel(share=0.25), GlobalLevel(share=0.75)]
+    return [build_level(spec) for spec in DEFAULT_LEVELS]
 
 
 class HierarchicalPruning(PruningCallback):
@@ -32,7 +53,8 @@ class HierarchicalPruning(PruningCallback):
     Args:
         levels: the hierarchy, coarse to fine; each level owes its ``share`` of the target (shares are
             normalised) on its own ``schedule`` or the callback's. Default: :func:`default_levels` (whole
-            blocks, then channels ranked across the network).
+            blocks, then channels ranked across the network), written as class specs
+            (:data:`DEFAULT_LEVELS`) so that ``--print_config`` shows them; ``None`` means the default too.
         **kwargs: the arguments of :class:`~lightning_hprune.callbacks.base.PruningCallback`.
 
     Example::
@@ -42,5 +64,14 @@ class HierarchicalPruning(PruningCallback):
 
     """
 
-    def __init__(self, levels: Sequence[Level] | None = None, **kwargs: Any) -> None:
-        super().__init__(levels=default_levels() if levels is None else list(levels), **kwargs)
+    def __init__(
+        self,
+        levels: Sequence[Level] | None = cast(Sequence[Level], DEFAULT_LEVELS),
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            levels=default_levels()
+            if levels is None
+            else [build_level(lv) if isinstance(lv, Mapping) else lv for lv in levels],
+            **kwargs,
+        )

@@ -1,12 +1,20 @@
-"""Measurement without deep copies: parameters, MACs (total and per module) and real latency."""
+"""Measurement: parameters, MACs (total and per module) and latency worth quoting.
+
+Parameters and MACs are counted without deep copies. Latency is timed after warm-up passes, over enough
+passes for a median and an interquartile range (:func:`latency_stats`); :func:`compare_latency` times a
+dense and a pruned model in alternating rounds in the same process, so that machine noise hits both alike,
+and reports the ratio with its spread and a verdict (faster / slower / inconclusive).
+"""
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import math
 import statistics
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +24,7 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_hprune.core.graph import call_model, model_device_dtype, move_to, preserved_modes
+from lightning_hprune.core.validation import check_int
 
 
 def count_params(model: nn.Module) -> int:
@@ -159,3 +168,313 @@ def measure_latency(
             if i >= warmup:
                 times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
+
+
+# ---------------------------------------------------------------------- latency worth quoting
+@dataclass(frozen=True)
+class LatencyMeasurement:
+    """How a pruning callback measures forward latency (``measure_latency=LatencyMeasurement(...)``).
+
+    By default latency is measured twice: on the dense model just before the first event, and at the end
+    of fit, where the pruned model and a CPU copy of the dense model (taken before the first event) run in
+    alternating rounds in the same process, so that machine noise hits both alike. The report gives both
+    medians with their interquartile ranges and the ratio with its spread, and says when the spread makes
+    the ratio inconclusive.
+
+    Attributes:
+        batch_size: the example input is repeated to this batch size.
+        warmup: untimed passes before timing each model (one-time costs: kernel selection, allocator
+            growth, thread start-up).
+        rounds: alternating rounds (dense, pruned, pruned, dense, ...) at the end of fit; each round gives
+            one pruned/dense ratio, and their quartiles are the ratio's spread.
+        repeats: timed passes of each model per round.
+        budget_s: fewer rounds (never fewer than 5) and repeats when the measurement would take longer than
+            this, estimated from the warm-up passes.
+        per_event: also measure after every event (off by default: each measurement costs ``warmup +
+            rounds * repeats`` forward passes; see ``docs/reports.md``).
+        dense_copy: keep the CPU copy of the dense model for the interleaved comparison. It costs the
+            dense model's parameters and buffers in CPU memory (on rank zero only) from the first event to
+            the end of fit; set False for models too big for that, and the end-of-fit measurement is
+            compared with the one before the first event (not interleaved: the table says so).
+
+    """
+
+    batch_size: int = 32
+    warmup: int = 3
+    rounds: int = 10
+    repeats: int = 5
+    budget_s: float = 30.0
+    per_event: bool = False
+    dense_copy: bool = True
+
+    def __post_init__(self) -> None:
+        check_int("batch_size", self.batch_size, minimum=1)
+        check_int("warmup", self.warmup, minimum=0)
+        check_int("rounds", self.rounds, minimum=2)
+        check_int("repeats", self.repeats, minimum=1)
+        if (
+            isinstance(self.budget_s, bool)
+            or not isinstance(self.budget_s, (int, float))
+            or self.budget_s <= 0
+        ):
+            raise ValueError(
+                f"Expected argument `budget_s` to be a positive number, but got {self.budget_s!r}."
+            )
+        for name in ("per_event", "dense_copy"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"Expected argument `{name}` to be a bool, but got {getattr(self, name)!r}.")
+
+
+def resolve_latency(value: bool | LatencyMeasurement | None) -> LatencyMeasurement | None:
+    """``measure_latency`` as given to a callback: ``True`` -> the defaults, ``False``/``None`` -> off."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return LatencyMeasurement()
+    if isinstance(value, LatencyMeasurement):
+        return value
+    raise ValueError(
+        "Expected argument `measure_latency` to be a bool or a `LatencyMeasurement`, but got "
+        f"{value!r} ({type(value).__name__})."
+    )
+
+
+def quartiles(values: Sequence[float]) -> tuple[float, float, float]:
+    """``(q1, median, q3)`` of ``values`` (inclusive method; a single value is its own quartiles)."""
+    data = sorted(float(v) for v in values)
+    if not data:
+        raise ValueError("Expected at least one value to take quartiles of, but got none.")
+    if len(data) == 1:
+        return data[0], data[0], data[0]
+    q1, q2, q3 = statistics.quantiles(data, n=4, method="inclusive")
+    return q1, q2, q3
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """Forward latency of one model: median and quartiles over the timed passes, in milliseconds."""
+
+    median_ms: float
+    q1_ms: float
+    q3_ms: float
+    samples: int
+
+    @property
+    def iqr_ms(self) -> float:
+        """The interquartile range."""
+        return self.q3_ms - self.q1_ms
+
+    @classmethod
+    def of(cls, times_ms: Sequence[float]) -> LatencyStats:
+        """The statistics of ``times_ms``."""
+        q1, q2, q3 = quartiles(times_ms)
+        return cls(median_ms=q2, q1_ms=q1, q3_ms=q3, samples=len(times_ms))
+
+    def as_dict(self) -> dict[str, float]:
+        """Plain data (the report's layout)."""
+        return {
+            "median_ms": self.median_ms,
+            "q1_ms": self.q1_ms,
+            "q3_ms": self.q3_ms,
+            "iqr_ms": self.iqr_ms,
+            "samples": float(self.samples),
+        }
+
+
+@dataclass(frozen=True)
+class LatencyComparison:
+    """Dense against pruned latency, with the ratio's spread and a verdict.
+
+    Attributes:
+        dense: the dense model's latency.
+        pruned: the pruned model's latency.
+        ratio: median of the per-round ratios pruned / dense (below 1: the pruned model is faster).
+        ratio_q1: the ratios' first quartile.
+        ratio_q3: the ratios' third quartile.
+        interleaved: both models ran in alternating rounds in the same process (otherwise the ratio compares
+            measurements taken at different times, and its spread comes from the two spreads).
+        verdict: ``"faster"`` or ``"slower"`` when the ratio's interquartile range lies below or above 1,
+            else ``"inconclusive"``.
+        device: where the models ran.
+        batch_size: the batch size.
+        seconds: wall time of the measurement.
+        note: why the comparison is not interleaved, when it is not.
+
+    """
+
+    dense: LatencyStats
+    pruned: LatencyStats
+    ratio: float
+    ratio_q1: float
+    ratio_q3: float
+    interleaved: bool
+    device: str
+    batch_size: int
+    seconds: float
+    note: str = ""
+
+    @property
+    def verdict(self) -> str:
+        """``"faster"``, ``"slower"`` or ``"inconclusive"`` (the ratio's IQR contains 1)."""
+        if self.ratio_q3 < 1.0:
+            return "faster"
+        if self.ratio_q1 > 1.0:
+            return "slower"
+        return "inconclusive"
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain data (the report's ``"latency"``)."""
+        return {
+            "dense": self.dense.as_dict(),
+            "pruned": self.pruned.as_dict(),
+            "ratio": self.ratio,
+            "ratio_q1": self.ratio_q1,
+            "ratio_q3": self.ratio_q3,
+            "verdict": self.verdict,
+            "interleaved": self.interleaved,
+            "device": self.device,
+            "batch_size": self.batch_size,
+            "seconds": self.seconds,
+            "note": self.note,
+        }
+
+
+class _Timer:
+    """Times forward passes of one model on its own device and dtype (eval mode, no gradients)."""
+
+    def __init__(self, model: nn.Module, example_inputs: Any, batch_size: int) -> None:
+        self.model = model
+        self.device, dtype = model_device_dtype(model)
+        self.inputs = move_to(batch_of(example_inputs, batch_size), self.device, dtype)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @torch.no_grad()
+    def run(self, n: int) -> list[float]:
+        times = []
+        with preserved_modes(self.model):
+            self.model.eval()
+            for _ in range(n):
+                self._sync()
+                start = time.perf_counter()
+                call_model(self.model, self.inputs)
+                self._sync()
+                times.append((time.perf_counter() - start) * 1e3)
+        return times
+
+
+def _plan(settings: LatencyMeasurement, pass_ms: float, models: int) -> tuple[int, int]:
+    """``(rounds, repeats)`` that fit ``settings.budget_s`` (at least 5 rounds and 1 repeat)."""
+    rounds, repeats = settings.rounds, settings.repeats
+    if pass_ms <= 0:
+        return rounds, repeats
+    fit = settings.budget_s * 1e3 / (pass_ms * models)
+    while rounds * repeats > fit and repeats > 1:
+        repeats -= 1
+    while rounds * repeats > fit and rounds > min(5, settings.rounds):
+        rounds -= 1
+    return rounds, repeats
+
+
+def latency_stats(
+    model: nn.Module, example_inputs: Any, settings: LatencyMeasurement | None = None
+) -> LatencyStats:
+    """The latency of one model: ``warmup`` untimed passes, then up to ``rounds * repeats`` timed ones."""
+    settings = settings or LatencyMeasurement()
+    timer = _Timer(model, example_inputs, settings.batch_size)
+    warm = timer.run(max(settings.warmup, 1))
+    rounds, repeats = _plan(settings, min(warm), 1)
+    return LatencyStats.of(timer.run(rounds * repeats))
+
+
+def compare_latency(
+    dense: nn.Module, pruned: nn.Module, example_inputs: Any, settings: LatencyMeasurement | None = None
+) -> LatencyComparison:
+    """Time ``dense`` and ``pruned`` in alternating rounds (ABBA order), in this process, on their devices.
+
+    Both models must be on the same device for the ratio to mean anything (the caller moves them). Each
+    round times ``repeats`` passes of each model; the ratio of the two medians of a round is one sample of
+    the ratio, so slow drifts of the machine (another job starting, clock changes) cancel within a round.
+
+    Returns:
+        The comparison (medians, quartiles, the ratio's quartiles and the verdict).
+
+    """
+    settings = settings or LatencyMeasurement()
+    start = time.perf_counter()
+    timers = [
+        _Timer(dense, example_inputs, settings.batch_size),
+        _Timer(pruned, example_inputs, settings.batch_size),
+    ]
+    warm = [min(t.run(max(settings.warmup, 1))) for t in timers]
+    rounds, repeats = _plan(settings, sum(warm) / 2, 2)
+    times: list[list[float]] = [[], []]
+    ratios = []
+    for r in range(rounds):
+        medians = [0.0, 0.0]
+        for i in (0, 1) if r % 2 == 0 else (1, 0):
+            batch = timers[i].run(repeats)
+            times[i] += batch
+            medians[i] = statistics.median(batch)
+        ratios.append(medians[1] / medians[0] if medians[0] > 0 else math.nan)
+    q1, q2, q3 = quartiles([x for x in ratios if math.isfinite(x)] or [math.nan])
+    return LatencyComparison(
+        dense=LatencyStats.of(times[0]),
+        pruned=LatencyStats.of(times[1]),
+        ratio=q2,
+        ratio_q1=q1,
+        ratio_q3=q3,
+        interleaved=True,
+        device=str(timers[1].device),
+        batch_size=settings.batch_size,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def compare_separate(
+    dense: LatencyStats, pruned: LatencyStats, device: str, batch_size: int, seconds: float, note: str
+) -> LatencyComparison:
+    """A comparison of two measurements taken at different times (no dense copy to interleave with).
+
+    The ratio of the medians, with a spread from the quartiles: ``pruned.q1 / dense.q3`` to
+    ``pruned.q3 / dense.q1`` (so it is inconclusive unless the two interquartile ranges do not overlap).
+    """
+    ratio = pruned.median_ms / dense.median_ms if dense.median_ms > 0 else math.nan
+    low = pruned.q1_ms / dense.q3_ms if dense.q3_ms > 0 else math.nan
+    high = pruned.q3_ms / dense.q1_ms if dense.q1_ms > 0 else math.nan
+    return LatencyComparison(
+        dense=dense,
+        pruned=pruned,
+        ratio=ratio,
+        ratio_q1=low,
+        ratio_q3=high,
+        interleaved=False,
+        device=device,
+        batch_size=batch_size,
+        seconds=seconds,
+        note=note,
+    )
+
+
+def cpu_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` with its parameters and buffers on the CPU.
+
+    Each tensor is copied straight to the CPU, so no second copy of the model is made on its device.
+    """
+    memo: dict[int, Any] = {}
+    for p in model.parameters():
+        memo[id(p)] = nn.Parameter(p.detach().to("cpu", copy=True), requires_grad=p.requires_grad)
+    for b in model.buffers():
+        memo[id(b)] = b.detach().to("cpu", copy=True)
+    clone = copy.deepcopy(model, memo)
+    for p in clone.parameters():
+        p.grad = None
+    return clone
+
+
+def nbytes(model: nn.Module) -> int:
+    """Bytes held by the parameters and buffers of ``model``."""
+    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())

@@ -33,6 +33,8 @@ from lightning_hprune.core.undo import Snapshot
 from lightning_hprune.core.validation import check_choice, check_fraction, check_int
 
 Evaluate = Callable[[nn.Module], float]
+#: ``progress(done, total, group, drop)``: called after each group is measured (for a progress line).
+Progress = Callable[[int, int, str, float], None]
 CACHE_VERSION = 1
 
 
@@ -115,6 +117,7 @@ def measure_sensitivity(
     importance: Importance | None = None,
     mode: str = "max",
     groups: Sequence[str] | None = None,
+    progress: Progress | None = None,
 ) -> dict[str, float]:
     """Prune ``fraction`` of each group alone, measure, restore; return ``{group: metric drop}``.
 
@@ -126,6 +129,7 @@ def measure_sensitivity(
         mode: ``"max"`` when higher metric values are better, ``"min"`` otherwise; drops are positive
             when the metric gets worse.
         groups: restrict the analysis to these group names (default: every prunable group).
+        progress: called after each group as ``progress(done, total, group name, drop)``.
 
     Returns:
         The drop of the metric for each group (clipped at 0 from below).
@@ -142,9 +146,8 @@ def measure_sensitivity(
     base = float(evaluate(graph.model))
     wanted = None if groups is None else set(groups)
     drops: dict[str, float] = {}
-    for g in graph.groups():
-        if wanted is not None and g.name not in wanted:
-            continue
+    todo = [g for g in graph.groups() if wanted is None or g.name in wanted]
+    for done, g in enumerate(todo, 1):
         k = min(g.size - 1, max(1, math.floor(fraction * g.size)))
         if k < 1:
             continue
@@ -159,6 +162,8 @@ def measure_sensitivity(
             graph.invalidate()
         worse = base - value if mode == "max" else value - base
         drops[g.name] = max(0.0, worse) if math.isfinite(worse) else math.inf
+        if progress is not None:
+            progress(done, len(todo), g.name, drops[g.name])
     return drops
 
 

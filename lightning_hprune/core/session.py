@@ -18,6 +18,7 @@ statistics included. The session never imports Lightning: callbacks feed it from
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,9 +40,21 @@ from lightning_hprune.core.graph import (
 from lightning_hprune.core.importance import Importance, Reduce, resolve_importance
 from lightning_hprune.core.ledger import EventRecord, Ledger
 from lightning_hprune.core.levels import Agree, Level
-from lightning_hprune.core.measure import measure_latency, structure_fingerprint
+from lightning_hprune.core.measure import (
+    LatencyComparison,
+    LatencyMeasurement,
+    LatencyStats,
+    compare_latency,
+    compare_separate,
+    cpu_copy,
+    latency_stats,
+    nbytes,
+    resolve_latency,
+    structure_fingerprint,
+)
 from lightning_hprune.core.schedules import EventSchedule
-from lightning_hprune.core.sensitivity import SensitivityAnalysis, measure_sensitivity
+from lightning_hprune.core.sensitivity import Progress, SensitivityAnalysis, measure_sensitivity
+from lightning_hprune.core.timeline import RunTimeline
 from lightning_hprune.core.undo import Snapshot
 from lightning_hprune.core.validation import check_choice, check_fraction, check_int, check_str_list
 
@@ -178,8 +191,9 @@ class PruningSession:
         mode: ``"max"`` when higher ``monitor`` values are better, ``"min"`` otherwise.
         closed_loop: automatic rate adjustment (needs ``monitor``), or ``None``.
         calibration_batches: training batches kept for data-driven levels and criteria.
-        measure_latency: measure forward latency at each event.
-        latency_batch_size: batch size of the latency measurement.
+        measure_latency: ``True`` (a :class:`~lightning_hprune.core.measure.LatencyMeasurement` with its
+            defaults: before the first event and, interleaved with a CPU copy of the dense model, at the end),
+            a ``LatencyMeasurement`` (``per_event=True`` also measures after every event), or ``False``.
         sensitivity: a one-time sensitivity analysis before the first event, or ``None``.
         uniform_widths: for models of a known layout (Hugging Face transformers), keep one width per kind
             across layers (what a plain ``from_pretrained`` config describes); ``False`` prunes layers apart.
@@ -200,8 +214,7 @@ class PruningSession:
         mode: str = "max",
         closed_loop: ClosedLoop | None = None,
         calibration_batches: int = 4,
-        measure_latency: bool = True,
-        latency_batch_size: int = 32,
+        measure_latency: bool | LatencyMeasurement = True,
         sensitivity: SensitivityAnalysis | None = None,
         uniform_widths: bool = True,
     ) -> None:
@@ -235,8 +248,13 @@ class PruningSession:
             )
         self.loop = closed_loop
         self.calibration = Calibration(check_int("calibration_batches", calibration_batches, minimum=0))
-        self.measure_latency = bool(measure_latency)
-        self.latency_batch_size = check_int("latency_batch_size", latency_batch_size, minimum=1)
+        self.latency = resolve_latency(measure_latency)
+        #: Whether this process keeps the dense copy and measures at the end (set False on ranks > 0).
+        self.latency_here = True
+        #: A CPU copy of the dense model, taken before the first event (runtime only, never checkpointed).
+        self.dense_copy: nn.Module | None = None
+        #: Wall time spent measuring latency in this process so far.
+        self.latency_seconds = 0.0
         if sensitivity is not None and not isinstance(sensitivity, SensitivityAnalysis):
             raise ValueError(
                 f"Expected argument `sensitivity` to be a `SensitivityAnalysis` or None, but got {sensitivity!r}."
@@ -247,6 +265,8 @@ class PruningSession:
         self.uniform_widths = uniform_widths
         self.ledger = Ledger()
         self.decisions = DecisionLog()
+        #: The monitored metric per validation and the kept widths per event (for the report).
+        self.timeline = RunTimeline()
         self.example_input: Any = None
         #: ``{group name: metric drop}`` from the sensitivity analysis, once it ran.
         self.sensitivity_drops: dict[str, float] | None = None
@@ -283,8 +303,7 @@ class PruningSession:
             "mode": repr(self.mode),
             "closed_loop": repr(self.loop),
             "calibration_batches": repr(self.calibration.size),
-            "measure_latency": repr(self.measure_latency),
-            "latency_batch_size": repr(self.latency_batch_size),
+            "measure_latency": repr(self.latency),
             "sensitivity": repr(self.sensitivity),
             "uniform_widths": repr(self.uniform_widths),
         }
@@ -395,17 +414,74 @@ class PruningSession:
             self._graph = None
 
     # ------------------------------------------------------------------ measurement
-    def measure(self, model: nn.Module) -> dict[str, float]:
-        """Parameters, MACs and (when enabled) latency of ``model`` on the example input."""
+    def measure(self, model: nn.Module, latency: bool | None = None) -> dict[str, float]:
+        """Parameters, MACs and latency (median and quartiles) of ``model`` on the example input.
+
+        Args:
+            model: the model.
+            latency: measure latency (default: when ``measure_latency`` asks for it at every event).
+
+        """
         out = {
             "params": ParamsCost().measure(model, self.example_input),
             "macs": MacsCost().measure(model, self.example_input),
         }
         if self.cost.name not in out:
             out[self.cost.name] = self.cost.measure(model, self.example_input)
-        if self.measure_latency:
-            out["latency_ms"] = measure_latency(model, self.example_input, self.latency_batch_size)
+        if latency is None:
+            latency = self.latency is not None and self.latency.per_event
+        if latency and self.latency is not None:
+            start = time.perf_counter()
+            stats = latency_stats(model, self.example_input, self.latency)
+            self.latency_seconds += time.perf_counter() - start
+            out["latency_ms"] = stats.median_ms
+            out["latency_q1_ms"] = stats.q1_ms
+            out["latency_q3_ms"] = stats.q3_ms
         return out
+
+    def _keep_dense_copy(self, model: nn.Module) -> None:
+        """Keep a CPU copy of the dense model for the end-of-fit comparison (when configured, here)."""
+        self.dense_copy = None
+        if self.latency is not None and self.latency.dense_copy and self.latency_here:
+            self.dense_copy = cpu_copy(model)
+
+    def final_latency(self, model: nn.Module) -> LatencyComparison | None:
+        """Dense against pruned latency at the end: interleaved with the dense copy when there is one.
+
+        The dense copy runs on ``model``'s device for the measurement and is released afterwards.
+        Returns ``None`` when latency is not measured or no event ran.
+        """
+        cfg = self.latency
+        if cfg is None or not self.ledger.started or self.example_input is None:
+            return None
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        dense, self.dense_copy = self.dense_copy, None
+        start = time.perf_counter()
+        try:
+            if dense is not None:
+                try:
+                    dense.to(device)
+                    return compare_latency(dense, model, self.example_input, cfg)
+                except torch.cuda.OutOfMemoryError:
+                    note = f"the dense copy ({nbytes(dense) / 2**20:.0f} MiB) did not fit on {device}"
+            elif not cfg.dense_copy:
+                note = "dense_copy=False"
+            else:
+                note = "no dense copy in this process (resumed after the first event)"
+            base = self.ledger.baseline
+            if "dense_latency_ms" not in base:
+                return None
+            median = base["dense_latency_ms"]
+            before = LatencyStats(
+                median, base.get("dense_latency_q1_ms", median), base.get("dense_latency_q3_ms", median), 0
+            )
+            after = latency_stats(model, self.example_input, cfg)
+            seconds = time.perf_counter() - start
+            note = f"not interleaved ({note}): dense measured before the first event, pruned at the end"
+            return compare_separate(before, after, str(device), cfg.batch_size, seconds, note)
+        finally:
+            self.latency_seconds += time.perf_counter() - start
+            del dense
 
     # ------------------------------------------------------------------ when
     @property
@@ -454,12 +530,14 @@ class PruningSession:
             and any(lv.wants_sensitivity for lv in self._levels)
         )
 
-    def measure_sensitivity(self, evaluate: Callable[[nn.Module], float]) -> dict[str, float]:
+    def measure_sensitivity(
+        self, evaluate: Callable[[nn.Module], float], progress: Progress | None = None
+    ) -> dict[str, float]:
         """Run the configured sensitivity analysis on the attached model (left exactly as it was)."""
         assert self.sensitivity is not None
         assert self._graph is not None
         cfg = self.sensitivity
-        return measure_sensitivity(self._graph, evaluate, cfg.fraction, mode=cfg.mode)
+        return measure_sensitivity(self._graph, evaluate, cfg.fraction, mode=cfg.mode, progress=progress)
 
     def use_sensitivity(self, drops: Mapping[str, float]) -> None:
         """Keep the analysis' result (checkpointed); levels get it through their selection context."""
@@ -469,7 +547,13 @@ class PruningSession:
         """Stage 1: what each level owes at this event. The first event takes the baseline first."""
         graph = self.attach(model)
         if not self.ledger.started:
-            self.ledger.start(self.measure(model), metric, graph.groups(), structure_fingerprint(model))
+            self.ledger.start(
+                self.measure(model, latency=self.latency is not None),
+                metric,
+                graph.groups(),
+                structure_fingerprint(model),
+            )
+            self._keep_dense_copy(model)
         k = self.schedule.position
         shares = [(lv.share, lv.schedule) for lv in self._levels]
         fractions = self.schedule.level_fractions(shares, self.target, k)
@@ -559,7 +643,9 @@ class PruningSession:
         if self.loop is not None:
             every = self.schedule.every_n_epochs
             reason += f"; {self.monitor} " + self.loop.schedule_check(plan.index, epoch, every, max_epochs)
-        entry = self.decisions.add("pruned", reason, epoch, step, rate, event=plan.index)
+        entry = self.decisions.add(
+            "pruned", reason, epoch, step, rate, event=plan.index, removed=record.removed
+        )
         return record, entry
 
     def judge(
@@ -659,6 +745,7 @@ class PruningSession:
             "calibration": self.calibration.state_dict(),
             "example_input": self.example_input,
             "sensitivity": None if self.sensitivity_drops is None else dict(self.sensitivity_drops),
+            "timeline": self.timeline.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -675,6 +762,7 @@ class PruningSession:
         self.calibration.load_state_dict(state.get("calibration") or {})
         if state.get("example_input") is not None:
             self.example_input = state["example_input"]
+        self.timeline.load_state_dict(state.get("timeline") or {})
         drops = state.get("sensitivity")
         self.sensitivity_drops = None if drops is None else {str(k): float(v) for k, v in drops.items()}
 
@@ -682,6 +770,7 @@ class PruningSession:
         # Picklable (``ddp_spawn``, deep copies): the dependency graph is a cache, rebuilt on use.
         state = self.__dict__.copy()
         state["_graph"] = None
+        state["dense_copy"] = None  # runtime only (and possibly large)
         return state
 
 
