@@ -26,6 +26,7 @@ from typing_extensions import override
 
 from lightning_hprune.callbacks import reporting
 from lightning_hprune.callbacks.inputs import example_from_batch, first_sample, model_input_from_batch
+from lightning_hprune.callbacks.strategies import ShardedPruning, maybe, sharding_for
 from lightning_hprune.callbacks.transaction import (
     describe_failure,
     eager,
@@ -45,9 +46,12 @@ from lightning_hprune.core.sensitivity import SensitivityAnalysis, batch_metric,
 from lightning_hprune.core.session import PruningSession, history_of
 
 _REFUSED_STRATEGIES = {
-    "FSDPStrategy": "sharded parameters cannot be sliced per channel",
+    "FSDPStrategy": (
+        "FSDP1's flat parameters cannot be sliced per channel; use FSDP2: ModelParallelStrategy("
+        "data_parallel_size=<devices>, tensor_parallel_size=1) with `fully_shard` in `configure_model`, which "
+        "is pruned in place"
+    ),
     "DeepSpeedStrategy": "DeepSpeed partitions parameters and owns the optimizer",
-    "ModelParallelStrategy": "parameters are DTensors sharded across devices",
     "XLAStrategy": "XLA compiles a static graph",
 }
 
@@ -172,6 +176,8 @@ class PruningCallback(Callback):
         #: The callback whose session runs the events (``self`` unless it cooperates under another one).
         self._leader: PruningCallback = self
         self._patched_module: pl.LightningModule | None = None
+        #: The sharded-model glue (FSDP2 under ModelParallelStrategy), set in ``setup``; ``None`` otherwise.
+        self._sharding: ShardedPruning | None = None
 
     # ------------------------------------------------------------------ read-only views of the session
     target = _Setting(lambda s: s.target, "The fraction of the cost to remove.")
@@ -281,6 +287,9 @@ class PruningCallback(Callback):
             return  # the leader composes, checks and prunes for every cooperating callback
         self._compose(peers[1:])
         self._refuse_strategies(trainer)
+        self._sharding = sharding_for(trainer, self.session, type(self).__name__)
+        if self._sharding is not None:
+            self._sharding.check()
         for level in self.session.levels:
             level.check_model(pl_module)
         self._refuse_unsupported(trainer, pl_module)
@@ -297,8 +306,12 @@ class PruningCallback(Callback):
         if warning:
             rank_zero_warn(f"{type(self).__name__}: {warning}")
         # Lightning loads a checkpoint's weights before callbacks' `on_load_checkpoint`: rebuild the
-        # pruned structure from the module's own `on_load_checkpoint`, which runs first.
-        self._patch_module_restore(pl_module)
+        # pruned structure from the module's own `on_load_checkpoint`, which runs first (a sharded
+        # strategy loads them earlier still, in `strategy.load_checkpoint`: the structure is rebuilt there).
+        if self._sharding is not None:
+            self._sharding.install_restore(trainer, pl_module, self._find_state)
+        else:
+            self._patch_module_restore(pl_module)
 
     def _compose(self, members: Sequence[PruningCallback]) -> None:
         """Run the levels of cooperating callbacks too, after refusing settings they disagree on."""
@@ -389,6 +402,8 @@ class PruningCallback(Callback):
         if self._patched_module is not None:
             self._patched_module.__dict__.pop("on_load_checkpoint", None)
             self._patched_module = None
+        if self._sharding is not None:
+            self._sharding.uninstall()
 
     # ------------------------------------------------------------------ hooks
     def _leads(self) -> bool:
@@ -422,7 +437,8 @@ class PruningCallback(Callback):
         self._example_input(pl_module)
         if self.session.example_input is None or not self.session.active:
             return
-        with forward_failures(pl_module) as failures, eager():
+        view = self._sharding.view(pl_module) if self._sharding is not None else None
+        with maybe(view), forward_failures(pl_module) as failures, eager():
             try:
                 self._attach(pl_module)
             except PruningError as err:
@@ -482,7 +498,11 @@ class PruningCallback(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._leads():
             return
-        done = reporting.finish(trainer, self.session, pl_module, self.verbose)
+        view = self._sharding.view(pl_module) if self._sharding is not None else None
+        with maybe(view):
+            if view is not None and self.session.ledger.records:
+                self.session.attach(pl_module)  # the report reads the gathered model's groups
+            done = reporting.finish(trainer, self.session, pl_module, self.verbose)
         if done is not None:
             self.summary, self.report_table = done
 
@@ -503,15 +523,22 @@ class PruningCallback(Callback):
 
     def _event(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """One event, all or nothing: a failure at any stage (even an interrupt) leaves nothing changed."""
-        session, strategy = self.session, trainer.strategy
+        session, strategy, sharding = self.session, trainer.strategy, self._sharding
         wrapper = strategy.model
 
         def restore_wrapper() -> None:
             strategy.model = wrapper  # still bound to the restored (original) parameters
 
-        snapshot = session.snapshot(pl_module, trainer.optimizers, on_restore=[restore_wrapper])
+        undo = [restore_wrapper]
+        full = None
+        if sharding is not None:
+            # The snapshot holds the sharded model; the event runs on the gathered one and shards it again.
+            sharding.settle(pl_module)
+            undo.append(sharding.undo)
+            full = sharding.full_model(pl_module, list(trainer.optimizers))
+        snapshot = session.snapshot(pl_module, trainer.optimizers, on_restore=undo)
         try:
-            with forward_failures(pl_module) as failures, eager():
+            with maybe(full), forward_failures(pl_module) as failures, eager():
                 metric = self._monitored(trainer)
                 self._attach(pl_module)
                 if session.wants_sensitivity():
@@ -620,6 +647,9 @@ class PruningCallback(Callback):
 
     # ------------------------------------------------------------------ re-binding
     def _rebind(self, trainer: pl.Trainer, pl_module: pl.LightningModule, surgery: ParameterSurgery) -> None:
+        if self._sharding is not None:
+            self._sharding.keep(surgery)  # the optimizers follow once the model is sharded again
+            return
         live = list(pl_module.parameters())
         for opt in trainer.optimizers:
             for p in remap_optimizer(opt, surgery, live):
