@@ -19,6 +19,7 @@ created from them. A pruning callback then differs from the single-device path i
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
@@ -30,7 +31,7 @@ import torch.nn as nn
 
 from lightning_hprune.core.optim_state import ParameterSurgery, record_parameter_surgery, remap_optimizer
 from lightning_hprune.core.session import PruningSession, history_of
-from lightning_hprune.core.sharding import Unsharded, releasing, reshard_all, unshard
+from lightning_hprune.core.sharding import Unsharded, no_saved_tensors, releasing, reshard_all, unshard
 from lightning_hprune.core.undo import Snapshot
 
 #: Strategy classes whose models are pruned through :class:`ShardedPruning`.
@@ -109,7 +110,7 @@ class ShardedPruning:
         current = self._current = unshard(model)
         self.session.forget_graph()  # traced again on the gathered model
         try:
-            with releasing(model, current.gathered):
+            with releasing(model, current.gathered.values()), no_saved_tensors():
                 yield event
             after = current.reshard()
             live = list(model.parameters())
@@ -119,6 +120,11 @@ class ShardedPruning:
                     raise RuntimeError(f"optimizer state could not be carried over: {'; '.join(problems)}")
         finally:
             self._event = None
+        # The replaced FSDP states hold the old shards in reference cycles: free them now, not at some later
+        # collection (the graph traced on the gathered model goes too: it would be retraced anyway).
+        self._current = None
+        self.session.forget_graph()
+        gc.collect()
 
     def keep(self, surgery: ParameterSurgery) -> None:
         """Keep the event's parameter surgery, to carry the optimizers once the model is sharded again."""
@@ -140,7 +146,8 @@ class ShardedPruning:
         current = unshard(model)
         self.session.forget_graph()
         try:
-            yield
+            with no_saved_tensors():
+                yield
         finally:
             snapshot.restore()
             current.undo()

@@ -12,8 +12,9 @@ event on a sharded model therefore runs in four steps, identically on every rank
    in place, so a by-reference :class:`~lightning_hprune.core.undo.Snapshot` taken before still holds the
    sharded model and :meth:`Unsharded.undo` puts back the rest (classes, the global module-state map);
 3. the session plans and prunes the full model (rank 0 decides, the plan is broadcast). Inside
-   :func:`releasing`, the storage of every gathered parameter that pruning replaced is freed at once, so a
-   rank holds the gathered model once, not the gathered and the pruned one together;
+   :func:`releasing` (and :func:`no_saved_tensors`, so that the traced graph keeps no views of the
+   weights), the storage of every gathered parameter that pruning replaced is freed at once, so a rank
+   holds the gathered model once, not the gathered and the pruned one together;
 4. :meth:`Unsharded.reshard` applies the recorded units again, children first; the optimizer state is then
    carried over by :func:`~lightning_hprune.core.optim_state.remap_optimizer` (each state tensor gathered,
    sliced like its weight and split like the new parameter, one tensor at a time).
@@ -29,7 +30,7 @@ This module does not import Lightning; the Trainer glue is ``lightning_hprune/ca
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -458,6 +459,30 @@ def unshard(model: nn.Module) -> Unsharded:
 
 
 # ---------------------------------------------------------------------- memory
+def _not_saved(t: torch.Tensor) -> None:
+    return None
+
+
+def _never_unpacked(packed: Any) -> torch.Tensor:
+    raise RuntimeError(
+        "A backward pass ran through a graph recorded while a sharded model was gathered for pruning; "
+        "those graphs keep no tensors (lightning_hprune.core.sharding.no_saved_tensors)."
+    )
+
+
+@contextmanager
+def no_saved_tensors() -> Iterator[None]:
+    """Autograd keeps no tensors for backward while open (for graphs that are walked, never differentiated).
+
+    torch-pruning traces the model with autograd and keeps the recorded graph, whose saved tensors include
+    views of every weight (``weight.t()`` for a linear layer): they would keep the gathered weights alive
+    after pruning replaced (and :func:`releasing` freed) them, for as long as the dependency graph lives.
+    An event runs no backward pass, so nothing needs them.
+    """
+    with torch.autograd.graph.saved_tensors_hooks(_not_saved, _never_unpacked):
+        yield
+
+
 def release(params: Any) -> None:
     """Free the storage (and gradient) of parameters no longer in the model; the objects stay valid."""
     for p in params:
@@ -468,7 +493,7 @@ def release(params: Any) -> None:
 
 
 @contextmanager
-def releasing(model: nn.Module, params: dict[int, nn.Parameter]) -> Iterator[None]:
+def releasing(model: nn.Module, params: Iterable[nn.Parameter]) -> Iterator[None]:
     """While open, free each of ``params`` (or a parameter pruning made from one) once pruning replaced it.
 
     torch-pruning builds each pruned parameter from the old one and only then puts it in the module; the
@@ -479,7 +504,7 @@ def releasing(model: nn.Module, params: dict[int, nn.Parameter]) -> Iterator[Non
 
     cls = tp_function.BasePruningFunc
     original = cls._prune_parameter_and_grad
-    ours = dict(params)  # strong references: an id stays unique while it is tracked
+    ours = {id(p): p for p in params}  # strong references: an id stays unique while it is tracked
     pending: list[nn.Parameter] = []
 
     def flush() -> None:
