@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from lightning_hprune import HierarchicalPruning
+from lightning_hprune import HierarchicalPruning, load_pruned
 from lightning_hprune.core.graph import PruningGraph
 from lightning_hprune.core.optim_state import record_parameter_surgery
 from lightning_hprune.core.sharding import is_dtensor, is_sharded, reshard_all
@@ -127,7 +127,11 @@ def _fit(
     model = (ShardedCNN if kind == "fsdp" else TinyCNN)(
         widths=(16, 16, 16), optimizer="adam", lr=0.01, scheduler="step"
     )
-    pruning = HierarchicalPruning(target=0.5, end_epoch=2, round_to=4, measure_latency=False, verbose=False)
+    # Activation statistics: each rank scores its own calibration batches and the scores are summed
+    # across ranks before rank 0 decides (under DDP and FSDP2 alike).
+    pruning = HierarchicalPruning(
+        target=0.5, end_epoch=2, round_to=4, importance="activation", measure_latency=False, verbose=False
+    )
     before, after = StateProbe(0), StateProbe(0)
     checkpoints = ModelCheckpoint(
         dirpath=str(out / f"{name}_ckpt"), filename="{epoch}", save_top_k=-1, every_n_epochs=1
@@ -342,6 +346,24 @@ def test_fsdp2_resume_mid_pruning_from_sharded_and_full_checkpoints(runs: dict[s
             torch.testing.assert_close(
                 runs[f"{name}_rank0"]["weights"][key], value, rtol=0, atol=0, msg=f"{name}: {key}"
             )
+
+
+@pytest.mark.slow
+def test_load_pruned_reads_sharded_and_full_checkpoints_in_one_process(runs: dict[str, Any]) -> None:
+    out = runs["out"]
+    for path, name in (
+        (out / "fsdp_ckpt" / "epoch=0.ckpt", "sharded"),
+        (out / "resumed_sharded_ckpt" / "epoch=1.ckpt", "full"),
+    ):
+        model = load_pruned(TinyCNN, path)  # strict: the rebuilt structure has exactly the stored shapes
+        dense = TinyCNN(widths=(16, 16, 16))
+        assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in dense.parameters()), name
+        assert torch.isfinite(model(torch.zeros(2, 3, 8, 8))).all(), name
+    # The full checkpoint after event 1 holds the weights the resumed run had then: the same as the unbroken run's.
+    full = load_pruned(TinyCNN, out / "resumed_sharded_ckpt" / "epoch=1.ckpt")
+    unbroken = load_pruned(TinyCNN, out / "fsdp_ckpt" / "epoch=1.ckpt")
+    for (key, a), b in zip(full.state_dict().items(), unbroken.state_dict().values(), strict=True):
+        assert torch.equal(a, b), key
 
 
 @pytest.mark.slow

@@ -498,10 +498,11 @@ class PruningCallback(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._leads():
             return
-        view = self._sharding.view(pl_module) if self._sharding is not None else None
-        with maybe(view):
-            if view is not None and self.session.ledger.records:
-                self.session.attach(pl_module)  # the report reads the gathered model's groups
+        if self._sharding is not None and self.session.ledger.records:
+            with self._sharding.view(pl_module):  # measured and described on the gathered model
+                self.session.attach(pl_module)
+                done = reporting.finish(trainer, self.session, pl_module, self.verbose)
+        else:
             done = reporting.finish(trainer, self.session, pl_module, self.verbose)
         if done is not None:
             self.summary, self.report_table = done

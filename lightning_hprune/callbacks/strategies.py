@@ -28,6 +28,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn as nn
+from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_hprune.core.optim_state import ParameterSurgery, record_parameter_surgery, remap_optimizer
 from lightning_hprune.core.session import PruningSession, history_of
@@ -115,9 +116,10 @@ class ShardedPruning:
             after = current.reshard()
             live = list(model.parameters())
             for opt in optimizers:
-                problems = remap_optimizer(opt, event.surgery, live, before=current.gathered, after=after)
-                if problems:
-                    raise RuntimeError(f"optimizer state could not be carried over: {'; '.join(problems)}")
+                for problem in remap_optimizer(
+                    opt, event.surgery, live, before=current.gathered, after=after
+                ):
+                    rank_zero_warn(f"{self.owner}: {problem}.")
         finally:
             self._event = None
         # The replaced FSDP states hold the old shards in reference cycles: free them now, not at some later
@@ -169,7 +171,7 @@ class ShardedPruning:
 
         def load_checkpoint(checkpoint_path: Any, weights_only: bool | None = None) -> Any:
             path = Path(strategy.broadcast(checkpoint_path))
-            metadata = read_metadata(path)
+            metadata = read_metadata(path, weights_only=weights_only is not False)
             state = find_state(metadata) if metadata is not None else None
             if state and history_of(state):
                 self.rebuild(pl_module, list(trainer.optimizers), state)
@@ -204,19 +206,20 @@ class ShardedPruning:
         self.session.forget_graph()
 
 
-def read_metadata(path: Path) -> dict[str, Any] | None:
+def read_metadata(path: Path, weights_only: bool = True) -> dict[str, Any] | None:
     """The non-tensor part of a checkpoint written by ``ModelParallelStrategy`` (or ``None`` if none).
 
     A sharded checkpoint is a directory whose ``meta.pt`` holds everything but the weights and optimizer
     states; a full checkpoint is one file (memory-mapped here, so reading it costs no copy).
+    ``weights_only=False`` only when the fit was asked to load the checkpoint that way.
     """
     from lightning.fabric.utilities.load import _METADATA_FILENAME
 
     if path.is_dir():
         meta = path / _METADATA_FILENAME
-        return torch.load(meta, map_location="cpu", weights_only=True) if meta.is_file() else None
+        return torch.load(meta, map_location="cpu", weights_only=weights_only) if meta.is_file() else None
     if path.is_file():
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=weights_only)
     return None
 
 
