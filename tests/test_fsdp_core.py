@@ -109,7 +109,12 @@ def test_unshard_gives_the_plain_model_and_undo_puts_fsdp_back(mesh: Any) -> Non
     assert is_sharded(net)
 
 
-def test_pruning_the_gathered_model_then_resharding_carries_adam_state(mesh: Any) -> None:
+@pytest.mark.parametrize("hsdp", [False, True], ids=["fsdp-mesh", "hsdp-mesh"])
+def test_pruning_the_gathered_model_then_resharding_carries_adam_state(mesh: Any, hsdp: bool) -> None:
+    if hsdp:  # a 2-D (replicate, shard) mesh: parameters are (Replicate(), Shard(0)) DTensors
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh("cpu", (1, 1), mesh_dim_names=("replicate", "shard"))
     net, ref = _sharded(mesh), _net()
     opt = torch.optim.Adam(net.parameters(), lr=0.01)
     ref_opt = torch.optim.Adam(ref.parameters(), lr=0.01)
@@ -130,6 +135,7 @@ def test_pruning_the_gathered_model_then_resharding_carries_adam_state(mesh: Any
 
     assert is_sharded(net)
     assert all(is_dtensor(p) for p in net.parameters())
+    assert all(len(p.placements) == (2 if hsdp else 1) for p in net.parameters())
     assert [(type(u.modules[0]).__name__, u.reshard_after_forward) for u in find_units(net)] == units_before
     assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in net.parameters()}
     keep0 = [i for i in range(16) if i not in removals["0"]]
@@ -202,3 +208,57 @@ def test_a_dtensor_parameter_fsdp_does_not_manage_is_refused(mesh: Any) -> None:
     ):
         unshard(net)
     assert is_sharded(net)  # refused before anything changed
+
+
+class _Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.relu(self.conv(x))
+
+
+class _ResNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.blocks = nn.Sequential(_Block(), _Block(), _Block())
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(8 * 8 * 8, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(x)))
+
+
+def test_a_removed_block_drops_its_unit_and_its_optimizer_state(mesh: Any) -> None:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    net = _ResNet()
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for block in net.blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(net, mesh=mesh, mp_policy=policy)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    _step(net, opt)
+    reshard_all(net)
+    removed = list(net.blocks[1].parameters())  # held, so that their ids stay theirs
+    full = unshard(net)
+    graph = PruningGraph(net, X[:1])
+    with releasing(net, full.gathered.values()):
+        graph.replace_with_identity(["blocks.1"])
+        stream = next(g.name for g in graph.groups() if "stem" in g.outputs)  # the residual stream
+        surgery = graph.prune({stream: [0, 1]})
+    after = full.reshard()
+    remap_optimizer(opt, surgery, list(net.parameters()), before=full.gathered, after=after)
+    units = find_units(net)
+    assert [u.modules[0] for u in units] == [net, net.blocks[0], net.blocks[2]]  # blocks.1's unit is gone
+    assert all(u.mp_policy == policy for u in units)
+    assert all(is_dtensor(p) for p in net.parameters())
+    held = [p for g in opt.param_groups for p in g["params"]]
+    assert {id(p) for p in held} == {id(p) for p in net.parameters()}
+    assert removed
+    assert not {id(p) for p in removed} & {id(p) for p in opt.state}
+    assert net.blocks[0].conv.weight.shape == (6, 6, 3, 3)
+    assert all(opt.state[p]["momentum_buffer"].shape == p.shape for p in held)
+    _step(net, opt)  # bf16 forward through the re-applied policy, then an SGD step
