@@ -181,10 +181,19 @@ def test_grouped_units_placements_and_ignored_parameters_are_applied_again(mesh:
         ignored_params={net[6].bias},
         shard_placement_fn=lambda p: Shard(1) if p is net[3].weight else None,
     )
-    net(X)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    _step(net, opt)
+    reshard_all(net)
     full = unshard(net)
-    PruningGraph(net, X[:1]).prune({"0": [3]})
-    full.reshard()
+    assert (
+        len(full.gathered) == len(list(net.parameters())) - 1
+    )  # each once, but the ignored bias: not at all
+    surgery = PruningGraph(net, X[:1]).prune({"0": [3]})
+    after = full.reshard()
+    assert remap_optimizer(opt, surgery, list(net.parameters()), before=full.gathered, after=after) == []
+    held = [p for g in opt.param_groups for p in g["params"]]
+    assert {id(p) for p in held} == {id(p) for p in net.parameters()}
+    assert all(opt.state[p]["momentum_buffer"].shape == p.shape for p in held)  # no state lost
     units = find_units(net)
     assert [len(u.modules) for u in units] == [1, 2]  # the root, then the grouped call
     assert units[1].modules == (net[0], net[1])

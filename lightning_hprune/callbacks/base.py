@@ -404,6 +404,7 @@ class PruningCallback(Callback):
             self._patched_module = None
         if self._sharding is not None:
             self._sharding.uninstall()
+            self._sharding = None  # it holds the strategy (process groups): not for pickles and copies
 
     # ------------------------------------------------------------------ hooks
     def _leads(self) -> bool:

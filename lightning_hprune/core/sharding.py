@@ -418,10 +418,17 @@ def unshard(model: nn.Module) -> Unsharded:
     result = Unsharded(model=model, units=units, gathered={})
     mapping = _composable_state._module_state_mapping
     hook_ids: dict[int, set[int]] = {}
+    states: set[int] = set()
     for module in model.modules():
         if not isinstance(module, FSDPModule):
             continue
+        ref = mapping.get(module)
+        if ref is not None:
+            result._states.append((module, ref))
         state = _state_of(module)
+        if id(state) in states:
+            continue  # a module of a grouped call (`fully_shard([a, b])`): its state is done
+        states.add(id(state))
         for group in state._fsdp_param_groups:
             for fp in group.fsdp_params:
                 info = fp._module_info
@@ -437,24 +444,25 @@ def unshard(model: nn.Module) -> Unsharded:
                     m._parameters[n] = full
         for key, ids in _hook_ids(_handles(state)).items():
             hook_ids.setdefault(key, set()).update(ids)
-        ref = mapping.get(module)
-        if ref is not None:
-            result._states.append((module, ref))
     keys = (*_contract_keys(), "_is_fsdp_managed_module", "_fsdp_use_orig_params")
-    for module in model.modules():
-        for name, value in list(vars(module).items()):
-            if isinstance(value, dict) and id(value) in hook_ids:
-                drop = hook_ids[id(value)]
-                module.__dict__[name] = type(value)((k, v) for k, v in value.items() if k not in drop)
-        for attr in keys:
-            module.__dict__.pop(attr, None)
-        if isinstance(module, FSDPModule):
-            cls = type(module)
-            result._classes.append((module, cls))
-            mro = cls.__mro__
-            module.__class__ = mro[mro.index(FSDPModule) + 1]
-    for module, _ in result._states:
-        mapping.pop(module, None)
+    try:
+        for module in model.modules():
+            for name, value in list(vars(module).items()):
+                if isinstance(value, dict) and id(value) in hook_ids:
+                    drop = hook_ids[id(value)]
+                    module.__dict__[name] = type(value)((k, v) for k, v in value.items() if k not in drop)
+            for attr in keys:
+                module.__dict__.pop(attr, None)
+            if isinstance(module, FSDPModule):
+                cls = type(module)
+                result._classes.append((module, cls))
+                mro = cls.__mro__
+                module.__class__ = mro[mro.index(FSDPModule) + 1]
+        for module, _ in result._states:
+            mapping.pop(module, None)
+    except BaseException:
+        result.undo()  # the caller's snapshot restores the modules' attributes; classes and the map here
+        raise
     return result
 
 
