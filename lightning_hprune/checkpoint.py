@@ -19,7 +19,9 @@ Three ways to get a pruned model back:
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -113,6 +115,32 @@ def restore_structure(
     return graph
 
 
+def read_checkpoint(checkpoint_path: str | os.PathLike[str], map_location: Any = "cpu") -> dict[str, Any]:
+    """A Lightning checkpoint as one dict, read with ``weights_only=True``: a file, or a sharded directory.
+
+    A sharded checkpoint (written by ``ModelParallelStrategy`` or ``FSDPStrategy`` with distributed
+    checkpointing: a directory of ``torch.distributed.checkpoint`` shards plus ``meta.pt``) is assembled in
+    CPU memory, in one process.
+    """
+    path = Path(checkpoint_path)
+    if not path.is_dir():
+        return torch.load(path, map_location=map_location, weights_only=True)
+    meta = path / "meta.pt"
+    if not meta.is_file():
+        raise ValueError(
+            f"Expected {os.fspath(checkpoint_path)!r} to be a checkpoint file or a sharded checkpoint directory "
+            f"with a 'meta.pt', but it is a directory holding {sorted(p.name for p in path.iterdir())[:8]}."
+        )
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        consolidated = Path(tmp) / "consolidated.pt"
+        dcp_to_torch_save(path, consolidated)
+        checkpoint = torch.load(consolidated, map_location=map_location, weights_only=True)
+    checkpoint.update(torch.load(meta, map_location=map_location, weights_only=True))
+    return checkpoint
+
+
 def load_pruned(
     module_cls: type[T],
     checkpoint_path: str | os.PathLike[str],
@@ -127,7 +155,8 @@ def load_pruned(
 
     Args:
         module_cls: the model's class (a ``LightningModule`` or any ``nn.Module``).
-        checkpoint_path: a checkpoint written while a pruning callback was attached.
+        checkpoint_path: a checkpoint written while a pruning callback was attached: a file, or the directory
+            of a sharded checkpoint (see :func:`read_checkpoint`).
         map_location: where to load the tensors.
         strict: load the weights strictly.
         kwargs: constructor arguments added to (or replacing) the saved hyper-parameters.
@@ -142,7 +171,7 @@ def load_pruned(
         model(x)
 
     """
-    checkpoint = torch.load(checkpoint_path, map_location=map_location, weights_only=True)
+    checkpoint = read_checkpoint(checkpoint_path, map_location)
     if "state_dict" not in checkpoint:
         raise ValueError(
             f"Expected {os.fspath(checkpoint_path)!r} to be a Lightning checkpoint with a 'state_dict', but "

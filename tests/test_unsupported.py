@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, EMAWeightAveraging, StochasticWeightAveraging
-from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies import FSDPStrategy
 from torch._dynamo.testing import CompileCounter
 
 from lightning_hprune import HierarchicalPruning, PruningError
@@ -34,22 +34,14 @@ def _params(model: nn.Module) -> int:
 
 
 # ---------------------------------------------------------------------- strategies
-def test_model_parallel_strategy_is_refused_in_setup(tmp_path: Path) -> None:
-    model = TinyCNN()
-    t = trainer(tmp_path, [_cb()], max_epochs=2, strategy=ModelParallelStrategy())
-    train, val = loaders(n=32)
-    with pytest.raises(RuntimeError, match=r"ModelParallelStrategy strategy .*Use strategy='ddp'"):
-        t.fit(model, train, val)
-    assert t.global_step == 0
-    assert model.features[0].out_channels == 16
-
-
 def test_fsdp_strategy_is_refused_in_setup() -> None:
     # FSDP needs a GPU to build a Trainer; the refusal only reads the strategy, so a real FSDPStrategy
     # object is handed to `setup` directly.
     cb = _cb()
     stand_in = SimpleNamespace(strategy=FSDPStrategy(), callbacks=[cb], max_epochs=4)
-    with pytest.raises(RuntimeError, match=r"FSDPStrategy strategy \(sharded parameters.*Use strategy='ddp'"):
+    with pytest.raises(
+        RuntimeError, match=r"FSDPStrategy strategy \(FSDP1's flat parameters.*Use strategy='ddp'"
+    ):
         cb.setup(stand_in, TinyCNN(), "fit")  # type: ignore[arg-type]
 
 

@@ -28,6 +28,7 @@ from lightning_hprune.callbacks import reporting
 from lightning_hprune.callbacks.checks import dict_example_error, monitor_error
 from lightning_hprune.callbacks.distillation import Distiller
 from lightning_hprune.callbacks.inputs import example_from_batch, first_sample, model_input_from_batch
+from lightning_hprune.callbacks.strategies import ShardedPruning, maybe, sharding_for
 from lightning_hprune.callbacks.transaction import (
     describe_failure,
     eager,
@@ -49,9 +50,12 @@ from lightning_hprune.core.sensitivity import SensitivityAnalysis, batch_metric,
 from lightning_hprune.core.session import PruningSession, history_of
 
 _REFUSED_STRATEGIES = {
-    "FSDPStrategy": "sharded parameters cannot be sliced per channel",
+    "FSDPStrategy": (
+        "FSDP1's flat parameters cannot be sliced per channel; use FSDP2: ModelParallelStrategy("
+        "data_parallel_size=<devices>, tensor_parallel_size=1) with `fully_shard` in `configure_model`, which "
+        "is pruned in place"
+    ),
     "DeepSpeedStrategy": "DeepSpeed partitions parameters and owns the optimizer",
-    "ModelParallelStrategy": "parameters are DTensors sharded across devices",
     "XLAStrategy": "XLA compiles a static graph",
 }
 
@@ -195,6 +199,8 @@ class PruningCallback(Callback):
         self._leader: PruningCallback = self
         self._patched_module: pl.LightningModule | None = None
         self._monitor_checked = False
+        #: The sharded-model glue (FSDP2 under ModelParallelStrategy), set in ``setup``; ``None`` otherwise.
+        self._sharding: ShardedPruning | None = None
 
     # ------------------------------------------------------------------ read-only views of the session
     target = _Setting(lambda s: s.target, "The fraction of the cost to remove.")
@@ -309,6 +315,9 @@ class PruningCallback(Callback):
             return  # the leader composes, checks and prunes for every cooperating callback
         self._compose(peers[1:])
         self._refuse_strategies(trainer)
+        self._sharding = sharding_for(trainer, self.session, type(self).__name__)
+        if self._sharding is not None:
+            self._sharding.check()
         for level in self.session.levels:
             level.check_model(pl_module)
         self._refuse_unsupported(trainer, pl_module)
@@ -327,8 +336,12 @@ class PruningCallback(Callback):
         if warning:
             rank_zero_warn(f"{type(self).__name__}: {warning}")
         # Lightning loads a checkpoint's weights before callbacks' `on_load_checkpoint`: rebuild the
-        # pruned structure from the module's own `on_load_checkpoint`, which runs first.
-        self._patch_module_restore(pl_module)
+        # pruned structure from the module's own `on_load_checkpoint`, which runs first (a sharded
+        # strategy loads them earlier still, in `strategy.load_checkpoint`: the structure is rebuilt there).
+        if self._sharding is not None:
+            self._sharding.install_restore(trainer, pl_module, self._find_state)
+        else:
+            self._patch_module_restore(pl_module)
         if self.distiller is not None:
             self.distiller.setup(trainer, pl_module)
 
@@ -427,6 +440,9 @@ class PruningCallback(Callback):
         if self._patched_module is not None:
             self._patched_module.__dict__.pop("on_load_checkpoint", None)
             self._patched_module = None
+        if self._sharding is not None:
+            self._sharding.uninstall()
+            self._sharding = None  # it holds the strategy (process groups): not for pickles and copies
         if self.distiller is not None:
             self.distiller.teardown()
 
@@ -473,7 +489,8 @@ class PruningCallback(Callback):
         self._example_input(pl_module)
         if self.session.example_input is None or not self.session.active:
             return
-        with forward_failures(pl_module) as failures, eager():
+        view = self._sharding.view(pl_module) if self._sharding is not None else None
+        with maybe(view), forward_failures(pl_module) as failures, eager():
             try:
                 self._attach(pl_module)
             except PruningError as err:
@@ -555,7 +572,12 @@ class PruningCallback(Callback):
         if not self._leads():
             return
         extra = None if self.distiller is None else {"distillation": self.distiller.report()}
-        done = reporting.finish(trainer, self.session, pl_module, self.verbose, extra)
+        if self._sharding is not None and self.session.ledger.records:
+            with self._sharding.view(pl_module):  # measured and described on the gathered model
+                self.session.attach(pl_module)
+                done = reporting.finish(trainer, self.session, pl_module, self.verbose, extra)
+        else:
+            done = reporting.finish(trainer, self.session, pl_module, self.verbose, extra)
         if done is not None:
             self.summary, self.report_table = done
 
@@ -576,7 +598,7 @@ class PruningCallback(Callback):
 
     def _event(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """One event, all or nothing: a failure at any stage (even an interrupt) leaves nothing changed."""
-        session, strategy = self.session, trainer.strategy
+        session, strategy, sharding = self.session, trainer.strategy, self._sharding
         wrapper = strategy.model
 
         def restore_wrapper() -> None:
@@ -584,9 +606,16 @@ class PruningCallback(Callback):
 
         if self.distiller is not None:
             self.distiller.before_event(trainer, pl_module)  # the dense teacher, before the first event
-        snapshot = session.snapshot(pl_module, trainer.optimizers, on_restore=[restore_wrapper])
+        undo = [restore_wrapper]
+        full = None
+        if sharding is not None:
+            # The snapshot holds the sharded model; the event runs on the gathered one and shards it again.
+            sharding.settle(pl_module)
+            undo.append(sharding.undo)
+            full = sharding.full_model(pl_module, list(trainer.optimizers))
+        snapshot = session.snapshot(pl_module, trainer.optimizers, on_restore=undo)
         try:
-            with forward_failures(pl_module) as failures, eager():
+            with maybe(full), forward_failures(pl_module) as failures, eager():
                 metric = self._monitored(trainer)
                 self._attach(pl_module)
                 if session.wants_sensitivity():
@@ -700,6 +729,9 @@ class PruningCallback(Callback):
 
     # ------------------------------------------------------------------ re-binding
     def _rebind(self, trainer: pl.Trainer, pl_module: pl.LightningModule, surgery: ParameterSurgery) -> None:
+        if self._sharding is not None:
+            self._sharding.keep(surgery)  # the optimizers follow once the model is sharded again
+            return
         live = list(pl_module.parameters())
         for opt in trainer.optimizers:
             for p in remap_optimizer(opt, surgery, live):

@@ -6,18 +6,21 @@ which indices were kept along which dimensions. :func:`remap_optimizer` then edi
 place*: its param groups point at the new parameters and every per-parameter state tensor of the
 parameter's shape (SGD momentum, Adam moments, ...) is sliced exactly like the weight. Scalars such as
 Adam's ``step`` are kept. Because the optimizer object itself survives, LR schedulers, Lightning's
-optimizer wrappers and AMP scalers keep working and keep their position.
+optimizer wrappers and AMP scalers keep working and keep their position. Sharded (FSDP2 ``DTensor``)
+state is gathered, sliced and split again like its new parameter (see :mod:`lightning_hprune.core.sharding`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 from torch_pruning.pruner import function as tp_function
+
+from lightning_hprune.core.sharding import full_tensor, same_layout, shard_like
 
 
 @dataclass
@@ -91,37 +94,61 @@ def record_parameter_surgery() -> Iterator[ParameterSurgery]:
 
 
 def remap_optimizer(
-    optimizer: torch.optim.Optimizer, surgery: ParameterSurgery, live_params: Iterable[nn.Parameter]
+    optimizer: torch.optim.Optimizer,
+    surgery: ParameterSurgery,
+    live_params: Iterable[nn.Parameter],
+    before: Mapping[int, nn.Parameter] | None = None,
+    after: Mapping[int, nn.Parameter] | None = None,
 ) -> list[str]:
     """Point ``optimizer`` at the pruned parameters and slice its state, in place.
 
     Parameters that are no longer part of the model (a removed block) leave the optimizer.
+
+    For a sharded model (FSDP2), pruning runs on gathered copies of the parameters and the pruned ones are
+    sharded again afterwards: ``before`` maps ``id(optimizer's parameter)`` to the gathered parameter the
+    surgery saw, ``after`` maps ``id(pruned parameter)`` to the sharded parameter that now stands for it.
+    A sharded (``DTensor``) state tensor is then gathered, sliced like the weight and split like the new
+    parameter, one tensor at a time; one whose parameter kept its shape and sharding is kept as it is.
 
     Returns:
         Warnings about state that could not be carried over (empty when everything was carried).
 
     """
     by_old = surgery.old_to_change()
+    before = before or {}
+    after = after or {}
     live = {id(p) for p in live_params}
     problems: list[str] = []
     for group in optimizer.param_groups:
         new_params = []
         for p in group["params"]:
-            change = by_old.get(id(p))
-            if change is None:
+            seen = before.get(id(p), p)
+            change = by_old.get(id(seen))
+            now = change.new if change is not None else seen
+            final = after.get(id(now), now)
+            if final is p:
                 if id(p) in live:
                     new_params.append(p)
                 else:
                     optimizer.state.pop(p, None)
                 continue
-            new_params.append(change.new)
+            if id(final) not in live:
+                optimizer.state.pop(p, None)
+                continue
+            new_params.append(final)
             state = optimizer.state.pop(p, None)
             if not state:
                 continue
             new_state = {}
             for key, value in state.items():
                 if isinstance(value, torch.Tensor) and value.shape == p.shape and value.dim() > 0:
-                    new_state[key] = change.apply(value).contiguous()
+                    if change is None and same_layout(value, final):
+                        new_state[key] = value
+                        continue
+                    full = full_tensor(value)
+                    if change is not None:
+                        full = change.apply(full).contiguous()
+                    new_state[key] = shard_like(full, final)
                 elif isinstance(value, torch.Tensor) and value.dim() > 0 and value.numel() > 1:
                     problems.append(
                         f"optimizer state {key!r} of shape {tuple(value.shape)} for a parameter of shape "
@@ -130,6 +157,6 @@ def remap_optimizer(
                 else:
                     new_state[key] = value
             if len(new_state) == len(state):
-                optimizer.state[change.new] = new_state
+                optimizer.state[final] = new_state
         group["params"] = new_params
     return problems

@@ -405,6 +405,10 @@ class PruningSession:
         self._graph = None
         return self.attach(model)
 
+    def forget_graph(self) -> None:
+        """Drop the dependency graph (a cache): the next use traces the model again."""
+        self._graph = None
+
     def _rebuild_graph(self) -> None:
         if self._graph is None:
             return
@@ -519,8 +523,11 @@ class PruningSession:
         optimizers: Sequence[torch.optim.Optimizer] = (),
         on_restore: Sequence[Callable[[], None]] = (),
     ) -> Snapshot:
-        """The undo point of a whole event: the model and optimizers (zero-copy) and this session, by value."""
-        return Snapshot(model, optimizers, parts=[self], on_restore=[self._rebuild_graph, *on_restore])
+        """The undo point of a whole event: the model and optimizers (zero-copy) and this session, by value.
+
+        ``on_restore`` runs before the graph is traced again (it may put back what the model needs to run).
+        """
+        return Snapshot(model, optimizers, parts=[self], on_restore=[*on_restore, self._rebuild_graph])
 
     def wants_sensitivity(self) -> bool:
         """Whether the sensitivity analysis must run before this event (configured, not run, and used)."""
