@@ -45,18 +45,38 @@ class Cut:
         """The parameter (``None`` when the module has none of that name)."""
         return self.module._parameters.get(self.param)
 
+    def per_index(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` (shaped like the parameter) summed over every dimension but ``dim``, in float32.
+
+        A reduction, not a copy: no full-size temporary (the criteria run on models of any size).
+        """
+        others = [d for d in range(values.dim()) if d != self.dim]
+        v = values.detach()
+        return (v.sum(dim=others, dtype=torch.float32) if others else v.float()).cpu()
+
     def per_unit(self, values: torch.Tensor, reduce: str = "mean") -> torch.Tensor:
         """Reduce a tensor shaped like the parameter to one value per unit.
 
         Each index along ``dim`` gets the sum of ``values`` over the other dimensions; a unit gets the mean
         (or the sum) of its indices' values.
         """
-        v = values.detach().float()
-        if v.dim() > 1:
-            v = v.transpose(0, self.dim).reshape(v.shape[self.dim], -1).sum(1)
-        idx = torch.as_tensor(self.units, dtype=torch.long, device=v.device)
-        out = v[idx]
-        return (out.sum(1) if reduce == "sum" else out.mean(1)).cpu()
+        return self.units_of(self.per_index(values), reduce)
+
+    def units_of(self, per_index: torch.Tensor, reduce: str = "mean") -> torch.Tensor:
+        """One value per unit from one value per index along ``dim`` (mean or sum over the unit's indices)."""
+        out = per_index.float()[torch.as_tensor(self.units, dtype=torch.long)]
+        return out.sum(1) if reduce == "sum" else out.mean(1)
+
+    def norms(self, p: int) -> torch.Tensor:
+        """``sum |w|^p`` per unit's index (mean over the unit's indices), without materialising ``|w|^p``."""
+        w = self.tensor
+        assert w is not None
+        others = [d for d in range(w.dim()) if d != self.dim]
+        if not others:
+            per = w.detach().float().abs().pow(p)
+        else:
+            per = torch.linalg.vector_norm(w.detach(), ord=p, dim=others).float().pow(p)
+        return self.units_of(per.cpu())
 
 
 def weight_cuts(cuts: Sequence[Cut]) -> list[Cut]:

@@ -66,6 +66,7 @@ def prune_level(
     sensitivity: Mapping[str, float] | None = None,
     name: str | None = None,
     floor_cost: float | None = None,
+    surgery: ParameterSurgery | None = None,
 ) -> tuple[LevelRecord, ParameterSurgery]:
     """Prune with ``level`` until the measured cost is at most ``target_cost + tolerance``.
 
@@ -79,7 +80,7 @@ def prune_level(
     """
     cost = resolve_cost(cost)
     original = _original_lookup(original_size)
-    surgery = ParameterSurgery()
+    surgery = surgery if surgery is not None else ParameterSurgery()
     before = current = cost.measure(graph.model, graph.example_inputs)
     result = LevelRecord(
         level=name or level.name, cost_before=before, cost_after=before, target_cost=target_cost
@@ -106,7 +107,7 @@ def prune_level(
             plan = plan.agreed(agree)
         if not plan:
             break
-        surgery.merge(plan.apply(graph))
+        plan.apply(graph, surgery)
         removed, blocks = plan.describe()
         for group, count in removed.items():
             result.removed[group] = result.removed.get(group, 0) + count
@@ -202,7 +203,7 @@ def run_event(
             lambda: Snapshot(graph.model if atomic else None, history=graph.history if atomic else None)
         ):
             for i, ((level, target_cost), name) in enumerate(zip(steps, names, strict=True)):
-                res, s = prune_level(
+                res, _ = prune_level(
                     graph,
                     level,
                     importance,
@@ -217,8 +218,8 @@ def run_event(
                     sensitivity=sensitivity,
                     name=name,
                     floor_cost=steps[-1][1],
+                    surgery=surgery,
                 )
-                surgery.merge(s)
                 results.append(res)
     except Exception as err:
         if atomic:

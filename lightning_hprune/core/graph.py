@@ -379,12 +379,15 @@ class PruningGraph:
         return self.model.get_submodule(name)
 
     # ------------------------------------------------------------------ pruning
-    def prune(self, removals: Mapping[str, Sequence[int]]) -> ParameterSurgery:
+    def prune(
+        self, removals: Mapping[str, Sequence[int]], surgery: ParameterSurgery | None = None
+    ) -> ParameterSurgery:
         """Remove channels, all or nothing.
 
         Args:
             removals: group root name -> unit indices (in the group's current numbering) to remove: channels,
                 or heads for attention projections (see :class:`ChannelGroup`).
+            surgery: record the parameter changes into this one (an event's, across its rounds).
 
         Returns:
             The parameter surgery (old -> new parameters, kept indices) for optimizer remapping.
@@ -394,7 +397,7 @@ class PruningGraph:
 
         """
         if self.family is not None:
-            return self._prune_slots(removals)
+            return self._prune_slots(removals, surgery)
         current = {g.name: g for g in self.groups()}
         for name, idxs in removals.items():
             if name not in current:
@@ -410,7 +413,7 @@ class PruningGraph:
         snapshot = Snapshot(self.model, history=self.history)
         self._groups = None
         try:
-            with record_parameter_surgery() as surgery, preserved_modes(self.model):
+            with record_parameter_surgery(surgery) as surgery, preserved_modes(self.model):
                 for name, idxs in removals.items():
                     if len(idxs) == 0:
                         continue
@@ -432,7 +435,9 @@ class PruningGraph:
             ) from err
         return surgery
 
-    def _prune_slots(self, removals: Mapping[str, Sequence[int]]) -> ParameterSurgery:
+    def _prune_slots(
+        self, removals: Mapping[str, Sequence[int]], surgery: ParameterSurgery | None = None
+    ) -> ParameterSurgery:
         """Prune units of a known layout's slots (``{slot name: unit indices}``), all or nothing."""
         assert self.family is not None
         slots = self.family.slots(self.model)
@@ -454,7 +459,7 @@ class PruningGraph:
         snapshot = Snapshot(self.model, history=self.history)
         self._groups = None
         try:
-            with record_parameter_surgery() as surgery:
+            with record_parameter_surgery(surgery) as surgery:
                 self.family.prune(self.model, plain)
                 for name, units in plain.items():
                     self.history.append({"op": "channels", "module": name, "idxs": units})

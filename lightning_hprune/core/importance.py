@@ -148,7 +148,7 @@ class MagnitudeImportance(Importance):
     @torch.no_grad()
     def score_cuts(self, cuts: Sequence[Cut]) -> torch.Tensor:
         """The mean over the weights a unit owns of ``sum |w|^p`` (per index), averaged over the cuts."""
-        parts = [c.per_unit(c.tensor.abs().pow(self.p)) for c in weight_cuts(cuts) if c.tensor is not None]
+        parts = [c.norms(self.p) for c in weight_cuts(cuts)]
         if not parts:
             raise ValueError("Expected at least one weight among the cuts of a layout group, but got none.")
         return torch.stack(parts).mean(0)

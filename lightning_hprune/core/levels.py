@@ -182,8 +182,8 @@ class Plan(abc.ABC):
         """The same kind of plan with ``agree`` applied to its data (every process gets rank 0's)."""
 
     @abc.abstractmethod
-    def apply(self, graph: PruningGraph) -> ParameterSurgery:
-        """Apply it to the model, all or nothing; return the parameter surgery for optimizer remapping."""
+    def apply(self, graph: PruningGraph, surgery: ParameterSurgery | None = None) -> ParameterSurgery:
+        """Apply it to the model, all or nothing; return the parameter surgery (recorded into ``surgery``)."""
 
     @abc.abstractmethod
     def describe(self) -> tuple[dict[str, int], list[str]]:
@@ -204,9 +204,9 @@ class ChannelPlan(Plan):
         """Rank 0's removals on every process."""
         return ChannelPlan(agree(self.removals))
 
-    def apply(self, graph: PruningGraph) -> ParameterSurgery:
+    def apply(self, graph: PruningGraph, surgery: ParameterSurgery | None = None) -> ParameterSurgery:
         """Prune the units (see :meth:`~lightning_hprune.core.graph.PruningGraph.prune`)."""
-        return graph.prune(self.removals)
+        return graph.prune(self.removals, surgery)
 
     def describe(self) -> tuple[dict[str, int], list[str]]:
         """Units per group; no module."""
@@ -227,10 +227,10 @@ class ModulePlan(Plan):
         """Rank 0's module names on every process."""
         return ModulePlan(agree(self.modules))
 
-    def apply(self, graph: PruningGraph) -> ParameterSurgery:
+    def apply(self, graph: PruningGraph, surgery: ParameterSurgery | None = None) -> ParameterSurgery:
         """Replace the modules (see :meth:`~lightning_hprune.core.graph.PruningGraph.replace_with_identity`)."""
         graph.replace_with_identity(self.modules)
-        return ParameterSurgery()
+        return surgery if surgery is not None else ParameterSurgery()
 
     def describe(self) -> tuple[dict[str, int], list[str]]:
         """No unit; the modules."""

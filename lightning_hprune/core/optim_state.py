@@ -75,9 +75,15 @@ class ParameterSurgery:
 
 
 @contextmanager
-def record_parameter_surgery() -> Iterator[ParameterSurgery]:
-    """Record every parameter torch-pruning slices while the context is open."""
-    surgery = ParameterSurgery()
+def record_parameter_surgery(into: ParameterSurgery | None = None) -> Iterator[ParameterSurgery]:
+    """Record every parameter torch-pruning slices while the context is open.
+
+    Args:
+        into: record into this surgery (a multi-round event's: a parameter sliced again is chained to its
+            first change at once, so intermediate parameters are released as soon as they are replaced).
+
+    """
+    surgery = into if into is not None else ParameterSurgery()
     cls = tp_function.BasePruningFunc
     original = cls._prune_parameter_and_grad
 
