@@ -144,6 +144,11 @@ class ChannelGroup:
         """Whether the group may keep ``width`` units (every width, unless a layout restricts them)."""
         return True
 
+    @property
+    def kind_key(self) -> str:
+        """What kind of unit the group holds, for levels that compare groups (``"heads"``, ``"channels"``)."""
+        return self.kind
+
     def score(self, importance: Any) -> torch.Tensor:
         """One score per unit from ``importance`` (an :class:`~lightning_hprune.core.importance.Importance`)."""
         return self.unit_scores(importance(self.group))

@@ -282,10 +282,41 @@ def chunk_sizes(current: int, keep_floor: int, round_to: int, allows: Allows | N
     return [a - b for a, b in itertools.pairwise(widths)]
 
 
+def _equalise_kinds(
+    candidates: list[tuple[float, str, list[int]]], ctx: SelectionContext
+) -> list[tuple[float, str, list[int]]]:
+    """Compare chunks of different kinds of units by their rank within their own kind.
+
+    Within one kind (channels of every layer, heads of every layer, a transformer's FFN width ...) the
+    normalised scores rank units across layers. Across kinds they do not: how unequal the units of one kind
+    are says nothing about whether that kind matters more than another (a group of four heads has a narrow
+    spread, an MLP of 1,536 channels a long tail). So when several kinds compete, each chunk's key becomes its
+    rank quantile within its kind, and every kind loses about the same share of its units. With one kind (a
+    CNN) the order is unchanged.
+    """
+    kinds = {g.name: g.kind_key for g in ctx.groups}
+    if len({kinds.get(name, "") for _, name, _ in candidates}) <= 1:
+        return candidates
+    by_kind: dict[str, list[int]] = {}
+    for i, (_, name, _) in enumerate(candidates):
+        by_kind.setdefault(kinds.get(name, ""), []).append(i)
+    out = list(candidates)
+    for members in by_kind.values():
+        order = sorted(members, key=lambda i: candidates[i][0])  # stable: a group's chunks keep their order
+        n = len(order)
+        for rank, i in enumerate(order):
+            _, name, idxs = candidates[i]
+            out[i] = ((rank + 0.5) / n, name, idxs)
+    return out
+
+
 def take_cheapest(
     candidates: list[tuple[float, str, list[int]]], ctx: SelectionContext, budget: float
 ) -> Removals:
     """Take ``(rank key, group, indices)`` chunks, lowest key first, until their predicted cost reaches ``budget``.
+
+    When the chunks come from groups of different kinds (``ChannelGroup.kind_key``), keys are first turned into
+    ranks within each kind (see :func:`_equalise_kinds`).
 
     Within a group, chunks must be listed in the order they may be taken (their keys never decrease), so
     that alignment chunks come before the chunks that rely on them. A chunk that would overshoot the budget
@@ -294,7 +325,7 @@ def take_cheapest(
     among the next chunk of every group, the cheapest that closes the gap (or the largest, repeatedly).
     Writes the predicted saving to ``ctx.info["predicted"]``.
     """
-    candidates = sorted(candidates, key=lambda c: c[0])
+    candidates = sorted(_equalise_kinds(candidates, ctx), key=lambda c: c[0])
     per_channel = ctx.cost.per_channel
     costs = [len(idxs) * per_channel.get(name, 0.0) for _, name, idxs in candidates]
     taken = [False] * len(candidates)

@@ -70,6 +70,11 @@ class FamilyGroup(ChannelGroup):
         """Whether the group may keep ``width`` units."""
         return self.allowed is None or width in self.allowed
 
+    @property
+    def kind_key(self) -> str:
+        """The kind of width (``"kv"``, ``"heads"``, ``"ffn"``, ``"hidden"``), also for per-layer groups."""
+        return self.name.rsplit(":", 1)[-1] if ":" in self.name else self.name
+
     def score(self, importance: Importance) -> torch.Tensor:
         """Rank every slot's units by the criterion; the group's own units score their rank (neutral quantiles).
 
