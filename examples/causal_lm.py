@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         config["data"]["init_args"].update(train_windows=64, val_windows=32, length=32)
         config["model"]["init_args"].update(length=32, layers=3)
         config["trainer"].update(max_epochs=3, enable_progress_bar=False)
-        config["trainer"]["callbacks"][0]["init_args"].update(start_epoch=0, end_epoch=1)
+        config["trainer"]["callbacks"][0]["init_args"].update(start_epoch=0, end_epoch=1, measure_latency=False)
         args.new_tokens = 8
     if args.root:
         config["trainer"]["default_root_dir"] = args.root
@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     dense = ByteLlama(
         **{k: v for k, v in model.hparams.items() if k in ByteLlama.__init__.__code__.co_varnames}
     )
-    speed = throughput({"dense": dense, "pruned": model})
+    shape = {"batch": 4, "length": 32, "rounds": 2} if args.fast else {}
+    speed = throughput({"dense": dense, "pruned": model}, **shape)
     result: dict[str, Any] = {
         "val_ppl": {"before": summary["before"]["val_ppl"], "after": summary["after"]["val_ppl"]},
         "params": {"before": summary["before"]["params"], "after": summary["after"]["params"]},
