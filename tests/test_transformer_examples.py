@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _script(name: str):
     spec = importlib.util.spec_from_file_location(f"example_{name}", ROOT / "examples" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
+    assert spec is not None
+    assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -32,7 +33,8 @@ def test_text_classifier_example_fast(tmp_path):
     assert result["macs"]["after"] < result["macs"]["before"]
     reload = result["reload"]
     assert reload["library_imported"] is False
-    assert reload["predictions_equal"] is True and reload["n"] > 0
+    assert reload["predictions_equal"] is True
+    assert reload["n"] > 0
     assert (next(tmp_path.rglob("text_classifier.json"))).is_file()
 
 
