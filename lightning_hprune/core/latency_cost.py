@@ -9,9 +9,10 @@ like it costs less than nothing). A model's cost is the sum over its tables' lay
 forward pass; other layers (norms, activations, attention products) are not counted.
 
 Layers that share their kind, kernel, stride, padding, dilation, bias and input shape (other than the batch
-and the channels) share a table, so a network of repeated blocks is measured once per distinct block. Each
-table spans the widest such layer of the model it was built on, so it still covers the model once pruned,
-and resumed. Tables are measured at the first use and kept: :meth:`LatencyCost.state_dict` goes into the
+and the channels) share a table, so a network of repeated blocks is measured once per distinct block. A
+table's widths are the ``widths`` fractions of the widest such layer of the model it was built on plus every
+such layer's own widths, so the dense model's cost is measured, not interpolated, and the table still covers
+the model once pruned, and resumed. Tables are measured at the first use and kept: :meth:`LatencyCost.state_dict` goes into the
 pruning callback's checkpoint entry (a resumed fit does not measure again), and with ``cache`` set (the
 callback sets the run directory's ``hprune_latency_table.json``) the tables are written there and reused by
 a later run on the same device, batch size and widths.
@@ -277,15 +278,16 @@ class LatencyCost(Cost):
         else:
             assert isinstance(module, nn.modules.conv._ConvNd)
             groups = c_in if module.groups > 1 else 1
-            layer = type(module)(
+            conv: Any = type(module)
+            layer = conv(
                 c_in,
                 c_out,
-                module.kernel_size,  # type: ignore[arg-type]
-                module.stride,  # type: ignore[arg-type]
-                module.padding,  # type: ignore[arg-type]
-                module.dilation,  # type: ignore[arg-type]
-                groups,
-                module.bias is not None,
+                module.kernel_size,
+                stride=module.stride,
+                padding=module.padding,
+                dilation=module.dilation,
+                groups=groups,
+                bias=module.bias is not None,
             )
             x = torch.randn(batch, c_in, *shape[2:], device=device, dtype=dtype)
         layer = layer.to(device=device, dtype=dtype).eval()
@@ -302,8 +304,10 @@ class LatencyCost(Cost):
         self.timings += 1
         return statistics.median(times)
 
-    def _grid(self, full: int) -> list[int]:
-        return sorted({max(1, round(f * full)) for f in self.widths})
+    def _grid(self, widths: Sequence[int]) -> list[int]:
+        """The fractions of the widest layer, and every layer's own width (so dense costs are measured)."""
+        full = max(widths)
+        return sorted({max(1, round(f * full)) for f in self.widths} | set(widths))
 
     def build(self, model: nn.Module, example_inputs: Any) -> None:
         """Measure the tables ``model`` needs that are not known yet (from the cache, or a checkpoint)."""
@@ -322,14 +326,12 @@ class LatencyCost(Cost):
         self.device = device
         for key, layers in todo.items():
             module, shape = layers[0]
-            full_in = max(_widths(m)[0] for m, _ in layers)
-            full_out = max(_widths(m)[1] for m, _ in layers)
+            ins = self._grid([_widths(m)[0] for m, _ in layers])
+            outs = self._grid([_widths(m)[1] for m, _ in layers])
             if '"depthwise"' in key:
-                outs = self._grid(full_out)
                 ms = [[self._time(module, shape, w, w) for w in outs]]
                 self.tables[key] = LatencyTable(key, outs, outs, ms)
             else:
-                ins, outs = self._grid(full_in), self._grid(full_out)
                 ms = [[self._time(module, shape, ci, co) for co in outs] for ci in ins]
                 self.tables[key] = LatencyTable(key, ins, outs, ms)
         self.source = "measured"
