@@ -251,9 +251,9 @@ def main() -> None:
         previous = json.loads(Path(args.out).read_text())
         out = {**{k: v for k, v in previous.items() if k in ("fit", "events")}, **out}
     if args.part in ("fit", "both"):
-        out["fit"] = fit_part(args.runs, args.max_epochs)
+        out["fit"] = {**fit_part(args.runs, args.max_epochs), "command": out["command"]}
     if args.part in ("events", "both"):
-        out["events"] = events_part(args.sizes, args.dtype)
+        out["events"] = {**events_part(args.sizes, args.dtype), "command": out["command"]}
     print(f"machine: {out['machine']}")
     if "fit" in out:
         print(
