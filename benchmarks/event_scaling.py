@@ -1,9 +1,11 @@
-"""One pruning event's wall time and peak extra memory against model size (Llama-style decoders).
+"""One pruning event's wall time and peak extra memory against model size (ResNet-18, Llama-style decoders).
 
     python benchmarks/event_scaling.py                       # 25 M ... ~1 B parameters, bf16, CPU
     python benchmarks/event_scaling.py --sizes tiny small    # a subset
+    python benchmarks/event_scaling.py --sizes resnet18 tiny small --dtype float32
 
-Each size is a random-init ``LlamaForCausalLM`` (GQA, SwiGLU) built from a config in ``--dtype``; one event of
+``resnet18`` is a random-init torchvision ResNet-18 (11.7 M parameters, a 1x3x224x224 example input); every
+other size is a random-init ``LlamaForCausalLM`` (GQA, SwiGLU) built from a config in ``--dtype``; one event of
 the default hierarchy's channel level (``GlobalLevel``, L2 magnitude, 20 % of the parameters, uniform widths)
 runs through the Lightning-free session exactly as a callback's event does (undo snapshot, plan, execute,
 record). A sampling thread reads the process's resident memory (``/proc/self/statm``) every 2 ms; the table
@@ -14,6 +16,7 @@ event's wall time. Writes ``benchmarks/results/event_scaling.json``.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import math
@@ -81,7 +84,16 @@ class PeakSampler(threading.Thread):
         return self.peak
 
 
-def one(size: str, dtype: torch.dtype, seq: int) -> dict[str, Any]:
+def build_resnet18(dtype: torch.dtype, seq: int) -> tuple[torch.nn.Module, Any]:
+    """A random-init torchvision ResNet-18 and a 224x224 example input (``seq`` is unused)."""
+    import torchvision
+
+    torch.manual_seed(0)
+    return torchvision.models.resnet18().to(dtype), torch.zeros(1, 3, 224, 224, dtype=dtype)
+
+
+def build_llama(size: str, dtype: torch.dtype, seq: int) -> tuple[torch.nn.Module, Any]:
+    """A random-init Llama decoder of one of :data:`SIZES` and ``seq`` tokens of example input."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = SIZES[size]
@@ -96,6 +108,19 @@ def one(size: str, dtype: torch.dtype, seq: int) -> dict[str, Any]:
     torch.manual_seed(0)
     with torch.device("cpu"):
         model = LlamaForCausalLM(config).to(dtype)
+    return model, {"input_ids": torch.randint(0, 32000, (1, seq))}
+
+
+#: Every size this benchmark can build, by name.
+BUILDERS: dict[str, Any] = {
+    "resnet18": build_resnet18,
+    **{name: functools.partial(build_llama, name) for name in SIZES},
+}
+
+
+def one(size: str, dtype: torch.dtype, seq: int) -> dict[str, Any]:
+    """One event of the default channel level on model ``size``: wall time and peak extra memory."""
+    model, example = BUILDERS[size](dtype, seq)
     n_params = sum(p.numel() for p in model.parameters())
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     session = PruningSession(
@@ -106,7 +131,7 @@ def one(size: str, dtype: torch.dtype, seq: int) -> dict[str, Any]:
         round_to=8,
         measure_latency=False,
     )
-    session.use_example_input({"input_ids": torch.randint(0, 32000, (1, seq))})
+    session.use_example_input(example)
     gc.collect()
     before = rss()
     sampler = PeakSampler()
@@ -135,9 +160,32 @@ def one(size: str, dtype: torch.dtype, seq: int) -> dict[str, Any]:
     return out
 
 
+def slope(rows: list[dict[str, Any]], key: str = "event_s") -> float | None:
+    """Least-squares slope of log(``key``) against log(parameters) (``None`` with fewer than 2 rows)."""
+    pts = [(math.log(r["params"]), math.log(r[key])) for r in rows if r[key] > 0]
+    if len(pts) < 2:
+        return None
+    mx, my = sum(x for x, _ in pts) / len(pts), sum(y for _, y in pts) / len(pts)
+    return sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x, _ in pts)
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """The Markdown table of :func:`one`'s rows."""
+    lines = [
+        "| size | params | param bytes | event (s) | peak extra memory | x param bytes | removed |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['size']} | {r['params'] / 1e6:,.1f} M | {r['param_bytes'] / 2**30:.2f} GiB | {r['event_s']:.1f} | "
+            f"{r['peak_extra_bytes'] / 2**30:.2f} GiB | {r['peak_extra_x_params']:.2f} | {r['removed']:.1%} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(BUILDERS))
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--seq", type=int, default=16, help="tokens of the example input (MAC counting)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "event_scaling.json"))
@@ -148,23 +196,12 @@ def main() -> None:
     print(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
     )
-    print("| size | params | param bytes | event (s) | peak extra memory | x param bytes | removed |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(
-            f"| {r['size']} | {r['params'] / 1e6:,.1f} M | {r['param_bytes'] / 2**30:.2f} GiB | {r['event_s']:.1f} | "
-            f"{r['peak_extra_bytes'] / 2**30:.2f} GiB | {r['peak_extra_x_params']:.2f} | {r['removed']:.1%} |"
-        )
-    if len(rows) >= 2:
-        xs = [math.log(r["params"]) for r in rows]
-        ys = [math.log(r["event_s"]) for r in rows]
-        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
-        print(f"event time grows as params^{slope:.2f} (log-log slope over {len(rows)} sizes)")
-    else:
-        slope = None
+    print(table(rows))
+    slope_ = slope(rows)
+    if slope_ is not None:
+        print(f"event time grows as params^{slope_:.2f} (log-log slope over {len(rows)} sizes)")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"rows": rows, "slope": slope, "dtype": args.dtype}, indent=2))
+    Path(args.out).write_text(json.dumps({"rows": rows, "slope": slope_, "dtype": args.dtype}, indent=2))
 
 
 if __name__ == "__main__":

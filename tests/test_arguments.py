@@ -11,7 +11,7 @@ from tests.helpers import TinyCNN, loaders, trainer
         ({"target": 1.0}, "`target` to be a float in (0, 1)", "1.0"),
         ({"target": 1.5}, "`target` to be a float in (0, 1)", "1.5"),
         ({"target": "half"}, "`target` to be a float in (0, 1)", "'half'"),
-        ({"cost": "flops"}, "`cost` to be one of ['macs', 'params']", "'flops'"),
+        ({"cost": "flops"}, "`cost` to be one of ['latency', 'macs', 'params']", "'flops'"),
         ({"schedule": "exp"}, "`schedule` to be one of", "'exp'"),
         ({"decay": 0}, "`decay` to be a positive number", "0"),
         ({"decay": -0.5}, "`decay` to be a positive number", "-0.5"),

@@ -27,7 +27,12 @@ from typing_extensions import override
 from lightning_hprune.callbacks import reporting
 from lightning_hprune.callbacks.checks import dict_example_error, monitor_error
 from lightning_hprune.callbacks.distillation import Distiller
-from lightning_hprune.callbacks.inputs import example_from_batch, first_sample, model_input_from_batch
+from lightning_hprune.callbacks.inputs import (
+    batch_size_of,
+    example_from_batch,
+    first_sample,
+    model_input_from_batch,
+)
 from lightning_hprune.callbacks.strategies import ShardedPruning, maybe, sharding_for
 from lightning_hprune.callbacks.transaction import (
     describe_failure,
@@ -39,9 +44,11 @@ from lightning_hprune.callbacks.transaction import (
 )
 from lightning_hprune.checkpoint import LOAD_HINT, STATE_MARKER, find_pruning_state
 from lightning_hprune.core.closed_loop import ClosedLoop
+from lightning_hprune.core.cost import Cost
 from lightning_hprune.core.distill import Distillation
 from lightning_hprune.core.graph import PruningError, match_modules
 from lightning_hprune.core.importance import Importance
+from lightning_hprune.core.latency_cost import LatencyCost
 from lightning_hprune.core.levels import Level
 from lightning_hprune.core.measure import LatencyMeasurement
 from lightning_hprune.core.optim_state import ParameterSurgery, remap_optimizer
@@ -97,7 +104,10 @@ class PruningCallback(Callback):
         levels: the hierarchy, coarse to fine; each level owes its ``share`` of the target (shares are
             normalised) on its own ``schedule`` or the callback's.
         target: fraction of the model's cost to remove by the end, in (0, 1).
-        cost: ``"macs"`` (multiply-accumulates of one forward pass) or ``"params"``.
+        cost: ``"macs"`` (multiply-accumulates of one forward pass), ``"params"``, ``"latency"`` (forward
+            latency estimated from per-layer tables measured once on the training device at the training
+            batch size: a :class:`~lightning_hprune.core.latency_cost.LatencyCost`, whose tables are cached in
+            the run directory and checkpointed), or a ``Cost`` object.
         schedule: ``"geometric"`` (each event removes ``r_k = r_0 * decay**k`` of the target), ``"cubic"``,
             ``"linear"``, ``"constant"`` (one-shot), or a callable of the event index returning the cumulative
             fraction of the target.
@@ -149,7 +159,7 @@ class PruningCallback(Callback):
         self,
         levels: Sequence[Level],
         target: float = 0.5,
-        cost: str = "macs",
+        cost: str | Cost = "macs",
         schedule: str | Callable[[int], float] = "geometric",
         decay: float = 0.9,
         start_epoch: int = 0,
@@ -486,6 +496,10 @@ class PruningCallback(Callback):
         # torch-pruning cannot trace, or one with nothing prunable, fails before the first epoch.
         if not self._leads():
             return
+        self.session.start_clock()  # latency measurement takes at most `max_share` of the time from here
+        cost = self.session.cost
+        if isinstance(cost, LatencyCost) and cost.cache is None and trainer.is_global_zero:
+            cost.cache = os.path.join(reporting.run_dir(trainer), "hprune_latency_table.json")
         self._example_input(pl_module)
         if self.session.example_input is None or not self.session.active:
             return
@@ -514,6 +528,11 @@ class PruningCallback(Callback):
         if not self._leads():
             return
         self._example_input(pl_module, batch)
+        cost = self.session.cost
+        if isinstance(cost, LatencyCost) and cost.batch_size is None:
+            size = batch_size_of(model_input_from_batch(batch))
+            if size is not None:
+                cost.observe_batch(size)  # the latency tables are timed at the training batch size
         if self.session.collects(trainer.current_epoch):
             x = model_input_from_batch(batch)
             if x is not None:

@@ -39,3 +39,8 @@ def first_sample(example: Any) -> Any:
     if isinstance(example, (tuple, list)):
         return tuple(first_sample(v) for v in example)
     return example
+
+
+def batch_size_of(x: torch.Tensor | None) -> int | None:
+    """The batch size of a model input found by :func:`model_input_from_batch` (``None`` without one)."""
+    return int(x.shape[0]) if isinstance(x, torch.Tensor) and x.dim() > 0 else None

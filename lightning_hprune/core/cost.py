@@ -85,6 +85,14 @@ class Cost(abc.ABC):
         costs = self.per_module(model, example_inputs)
         return {n: float(costs.get(n, 0.0)) for n in names}
 
+    def state_dict(self) -> dict[str, Any]:
+        """What the cost measured and must keep across a resume (checkpointed; none for counted costs)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` (nothing to restore for counted costs)."""
+        del state
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
@@ -129,19 +137,24 @@ class MacsCost(Cost):
         return {k: float(v) for k, v in count_macs(model, example_inputs).per_module.items()}
 
 
-#: The costs a target can be given in, by name.
+#: The costs a target can be given in, by name (``"latency"``:
+#: :class:`~lightning_hprune.core.latency_cost.LatencyCost`, imported on use).
 COSTS: dict[str, type[Cost]] = {"macs": MacsCost, "params": ParamsCost}
 
 
 def resolve_cost(cost: Cost | str) -> Cost:
-    """Accept a :class:`Cost` object or one of the names in :data:`COSTS`."""
+    """Accept a :class:`Cost` object or one of the names in :data:`COSTS` (or ``"latency"``)."""
     if isinstance(cost, Cost):
         return cost
+    if cost == "latency":
+        from lightning_hprune.core.latency_cost import LatencyCost
+
+        return LatencyCost()
     if isinstance(cost, str) and cost in COSTS:
         return COSTS[cost]()
     raise ValueError(
-        f"Expected argument `cost` to be one of {sorted(COSTS)} or a `Cost` object, but got {cost!r} "
-        f"({type(cost).__name__})."
+        f"Expected argument `cost` to be one of {sorted([*COSTS, 'latency'])} or a `Cost` object (e.g. "
+        f"`LatencyCost(batch_size=64)`), but got {cost!r} ({type(cost).__name__})."
     )
 
 

@@ -190,6 +190,9 @@ class LatencyMeasurement:
         repeats: timed passes of each model per round.
         budget_s: fewer rounds (never fewer than 5) and repeats when the measurement would take longer than
             this, estimated from the warm-up passes.
+        max_share: the measurements of a fit together take at most this share of its training time so far
+            (the same reduction as ``budget_s``; never fewer than 5 rounds of 1 pass), so that a short fit
+            does not spend more time timing the model than training it; ``None``: only ``budget_s``.
         per_event: also measure after every event (off by default: each measurement costs ``warmup +
             rounds * repeats`` forward passes; see ``docs/reports.md``).
         dense_copy: keep the CPU copy of the dense model for the interleaved comparison. It costs the
@@ -204,6 +207,7 @@ class LatencyMeasurement:
     rounds: int = 10
     repeats: int = 5
     budget_s: float = 30.0
+    max_share: float | None = 0.01
     per_event: bool = False
     dense_copy: bool = True
 
@@ -219,6 +223,13 @@ class LatencyMeasurement:
         ):
             raise ValueError(
                 f"Expected argument `budget_s` to be a positive number, but got {self.budget_s!r}."
+            )
+        share = self.max_share
+        if share is not None and (
+            isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1
+        ):
+            raise ValueError(
+                f"Expected argument `max_share` to be a number in (0, 1] or None, but got {share!r}."
             )
         for name in ("per_event", "dense_copy"):
             if not isinstance(getattr(self, name), bool):
@@ -365,12 +376,15 @@ class _Timer:
         return times
 
 
-def _plan(settings: LatencyMeasurement, pass_ms: float, models: int) -> tuple[int, int]:
-    """``(rounds, repeats)`` that fit ``settings.budget_s`` (at least 5 rounds and 1 repeat)."""
+def _plan(
+    settings: LatencyMeasurement, pass_ms: float, models: int, budget_s: float | None = None
+) -> tuple[int, int]:
+    """``(rounds, repeats)`` that fit ``settings.budget_s`` and ``budget_s`` (at least 5 rounds and 1 repeat)."""
     rounds, repeats = settings.rounds, settings.repeats
     if pass_ms <= 0:
         return rounds, repeats
-    fit = settings.budget_s * 1e3 / (pass_ms * models)
+    budget = settings.budget_s if budget_s is None else max(0.0, min(settings.budget_s, budget_s))
+    fit = budget * 1e3 / (pass_ms * models)
     while rounds * repeats > fit and repeats > 1:
         repeats -= 1
     while rounds * repeats > fit and rounds > min(5, settings.rounds):
@@ -379,24 +393,36 @@ def _plan(settings: LatencyMeasurement, pass_ms: float, models: int) -> tuple[in
 
 
 def latency_stats(
-    model: nn.Module, example_inputs: Any, settings: LatencyMeasurement | None = None
+    model: nn.Module,
+    example_inputs: Any,
+    settings: LatencyMeasurement | None = None,
+    budget_s: float | None = None,
 ) -> LatencyStats:
-    """The latency of one model: ``warmup`` untimed passes, then up to ``rounds * repeats`` timed ones."""
+    """The latency of one model: ``warmup`` untimed passes, then up to ``rounds * repeats`` timed ones.
+
+    ``budget_s`` (e.g. what ``max_share`` of the training time allows) lowers ``settings.budget_s``.
+    """
     settings = settings or LatencyMeasurement()
     timer = _Timer(model, example_inputs, settings.batch_size)
     warm = timer.run(max(settings.warmup, 1))
-    rounds, repeats = _plan(settings, min(warm), 1)
+    rounds, repeats = _plan(settings, min(warm), 1, budget_s)
     return LatencyStats.of(timer.run(rounds * repeats))
 
 
 def compare_latency(
-    dense: nn.Module, pruned: nn.Module, example_inputs: Any, settings: LatencyMeasurement | None = None
+    dense: nn.Module,
+    pruned: nn.Module,
+    example_inputs: Any,
+    settings: LatencyMeasurement | None = None,
+    budget_s: float | None = None,
 ) -> LatencyComparison:
     """Time ``dense`` and ``pruned`` in alternating rounds (ABBA order), in this process, on their devices.
 
     Both models must be on the same device for the ratio to mean anything (the caller moves them). Each
     round times ``repeats`` passes of each model; the ratio of the two medians of a round is one sample of
     the ratio, so slow drifts of the machine (another job starting, clock changes) cancel within a round.
+
+    ``budget_s`` (e.g. what ``max_share`` of the training time allows) lowers ``settings.budget_s``.
 
     Returns:
         The comparison (medians, quartiles, the ratio's quartiles and the verdict).
@@ -409,7 +435,7 @@ def compare_latency(
         _Timer(pruned, example_inputs, settings.batch_size),
     ]
     warm = [min(t.run(max(settings.warmup, 1))) for t in timers]
-    rounds, repeats = _plan(settings, sum(warm) / 2, 2)
+    rounds, repeats = _plan(settings, sum(warm) / 2, 2, budget_s)
     times: list[list[float]] = [[], []]
     ratios = []
     for r in range(rounds):

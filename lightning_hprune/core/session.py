@@ -255,6 +255,8 @@ class PruningSession:
         self.dense_copy: nn.Module | None = None
         #: Wall time spent measuring latency in this process so far.
         self.latency_seconds = 0.0
+        #: ``time.perf_counter()`` when training started in this process (see :meth:`start_clock`).
+        self.clock_start: float | None = None
         if sensitivity is not None and not isinstance(sensitivity, SensitivityAnalysis):
             raise ValueError(
                 f"Expected argument `sensitivity` to be a `SensitivityAnalysis` or None, but got {sensitivity!r}."
@@ -436,12 +438,24 @@ class PruningSession:
             latency = self.latency is not None and self.latency.per_event
         if latency and self.latency is not None:
             start = time.perf_counter()
-            stats = latency_stats(model, self.example_input, self.latency)
+            stats = latency_stats(model, self.example_input, self.latency, self.latency_budget())
             self.latency_seconds += time.perf_counter() - start
             out["latency_ms"] = stats.median_ms
             out["latency_q1_ms"] = stats.q1_ms
             out["latency_q3_ms"] = stats.q3_ms
         return out
+
+    def start_clock(self) -> None:
+        """Note that training starts now: ``max_share`` of latency measurement counts from here."""
+        self.clock_start = time.perf_counter()
+
+    def latency_budget(self) -> float | None:
+        """Seconds of latency measurement ``max_share`` still allows (``None``: no clock or no share)."""
+        cfg = self.latency
+        if cfg is None or cfg.max_share is None or self.clock_start is None:
+            return None
+        elapsed = time.perf_counter() - self.clock_start
+        return max(0.0, cfg.max_share * elapsed - self.latency_seconds)
 
     def _keep_dense_copy(self, model: nn.Module) -> None:
         """Keep a CPU copy of the dense model for the end-of-fit comparison (when configured, here)."""
@@ -460,12 +474,13 @@ class PruningSession:
             return None
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         dense, self.dense_copy = self.dense_copy, None
+        budget = self.latency_budget()
         start = time.perf_counter()
         try:
             if dense is not None:
                 try:
                     dense.to(device)
-                    return compare_latency(dense, model, self.example_input, cfg)
+                    return compare_latency(dense, model, self.example_input, cfg, budget)
                 except torch.cuda.OutOfMemoryError:
                     note = f"the dense copy ({nbytes(dense) / 2**20:.0f} MiB) did not fit on {device}"
             elif not cfg.dense_copy:
@@ -479,7 +494,7 @@ class PruningSession:
             before = LatencyStats(
                 median, base.get("dense_latency_q1_ms", median), base.get("dense_latency_q3_ms", median), 0
             )
-            after = latency_stats(model, self.example_input, cfg)
+            after = latency_stats(model, self.example_input, cfg, budget)
             seconds = time.perf_counter() - start
             note = f"not interleaved ({note}): dense measured before the first event, pruned at the end"
             return compare_separate(before, after, str(device), cfg.batch_size, seconds, note)
@@ -753,6 +768,7 @@ class PruningSession:
             "example_input": self.example_input,
             "sensitivity": None if self.sensitivity_drops is None else dict(self.sensitivity_drops),
             "timeline": self.timeline.state_dict(),
+            "cost": self.cost.state_dict(),  # a measured cost's tables (``cost="latency"``): not re-measured
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -770,6 +786,7 @@ class PruningSession:
         if state.get("example_input") is not None:
             self.example_input = state["example_input"]
         self.timeline.load_state_dict(state.get("timeline") or {})
+        self.cost.load_state_dict(state.get("cost") or {})
         drops = state.get("sensitivity")
         self.sensitivity_drops = None if drops is None else {str(k): float(v) for k, v in drops.items()}
 
