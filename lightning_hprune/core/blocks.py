@@ -43,11 +43,19 @@ def find_blocks(model: nn.Module, patterns: Sequence[str] = ()) -> list[str]:
     Args:
         model: the model.
         patterns: ``fnmatch`` globs of module names; when given, exactly the modules they match are
-            candidates. Otherwise, the children of every ``nn.ModuleList``/``nn.Sequential`` whose class name
-            ends with one of :data:`BLOCK_SUFFIXES` and that have no ``downsample`` module.
+            candidates. Otherwise, for a model of a known layout (:mod:`lightning_hprune.core.families`), the
+            layers its family may remove (not T5's layer 0, none of ALBERT's shared layer, no decoder layer of
+            a model whose encoder alone is known); for any other model, the children of every
+            ``nn.ModuleList``/``nn.Sequential`` whose class name ends with one of :data:`BLOCK_SUFFIXES` and
+            that have no ``downsample`` module.
 
     """
+    from lightning_hprune.core.families import detect
+
     found: list[str] = []
+    family = None if patterns else detect(model)
+    if family is not None:
+        return family.removable_layers(model)
     if patterns:
         for name, module in model.named_modules():
             if (
