@@ -23,7 +23,8 @@ class Case:
     causal: bool = False  # a language model: `generate` must run
     derived_heads: bool = False  # head size = hidden_size / num_attention_heads (BERT, GPT-2)
     gqa: bool = False  # fewer key/value heads than query heads
-    kind: str = "tokens"  # "tokens", "pixels" (pixel_values of IMAGE), "eos" (tokens ending in one <eos>: BART)
+    #: "tokens", "pixels" (pixel_values of IMAGE) or "eos" (tokens ending in one <eos>: BART)
+    kind: str = "tokens"
     layers: bool = True  # whole layers are removable
     hidden: bool = True  # the hidden size is prunable (and with a derived head size, the heads)
 
@@ -209,7 +210,12 @@ ENCODERS = [
         "distilbert",
         lambda: _t().DistilBertForSequenceClassification(
             _t().DistilBertConfig(
-                vocab_size=VOCAB, dim=48, hidden_dim=80, n_layers=3, n_heads=4, max_position_embeddings=70,
+                vocab_size=VOCAB,
+                dim=48,
+                hidden_dim=80,
+                n_layers=3,
+                n_heads=4,
+                max_position_embeddings=70,
                 num_labels=3,
             )
         ),
@@ -219,7 +225,9 @@ ENCODERS = [
     Case(
         "albert",
         lambda: _t().AlbertForSequenceClassification(
-            _t().AlbertConfig(**_bert_kwargs(hidden_size=48, embedding_size=24, intermediate_size=80, num_hidden_layers=3))
+            _t().AlbertConfig(
+                **_bert_kwargs(hidden_size=48, embedding_size=24, intermediate_size=80, num_hidden_layers=3)
+            )
         ),
         "AutoModelForSequenceClassification",
         derived_heads=True,
@@ -252,10 +260,22 @@ ENCODERS = [
         "bart-cls",
         lambda: _t().BartForSequenceClassification(
             _t().BartConfig(
-                vocab_size=VOCAB, d_model=48, encoder_layers=3, decoder_layers=2, encoder_attention_heads=4,
-                decoder_attention_heads=4, encoder_ffn_dim=80, decoder_ffn_dim=80, max_position_embeddings=70,
-                num_labels=3, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=2,
-                encoder_layerdrop=0.0, decoder_layerdrop=0.0,
+                vocab_size=VOCAB,
+                d_model=48,
+                encoder_layers=3,
+                decoder_layers=2,
+                encoder_attention_heads=4,
+                decoder_attention_heads=4,
+                encoder_ffn_dim=80,
+                decoder_ffn_dim=80,
+                max_position_embeddings=70,
+                num_labels=3,
+                pad_token_id=0,
+                bos_token_id=1,
+                eos_token_id=2,
+                decoder_start_token_id=2,
+                encoder_layerdrop=0.0,
+                decoder_layerdrop=0.0,
             )
         ),
         "AutoModelForSequenceClassification",

@@ -305,7 +305,19 @@ BART = Layout(
     protect_hidden="the decoder reads the hidden size too (its head size is d_model / decoder_attention_heads), "
     "and only the encoder's layout is known",
 )
-LAYOUTS: tuple[Layout, ...] = (LLAMA, MISTRAL_QWEN, PHI3, GPT2, BERT, DISTILBERT, ALBERT, VIT, T5_GATED, T5, BART)
+LAYOUTS: tuple[Layout, ...] = (
+    LLAMA,
+    MISTRAL_QWEN,
+    PHI3,
+    GPT2,
+    BERT,
+    DISTILBERT,
+    ALBERT,
+    VIT,
+    T5_GATED,
+    T5,
+    BART,
+)
 
 
 def _get(model: nn.Module, path: str) -> nn.Module | None:
@@ -364,7 +376,11 @@ class TransformerFamily(Family):
             for layout in (lay for lay in LAYOUTS if model_type in lay.model_types):
                 if _fits(module, layout, base):
                     return cls(
-                        layout=layout, prefix=f"{name}." if name else "", base=base, hf=module, name=model_type
+                        layout=layout,
+                        prefix=f"{name}." if name else "",
+                        base=base,
+                        hf=module,
+                        name=model_type,
                     )
             return None
         return None
@@ -486,7 +502,9 @@ class TransformerFamily(Family):
         for rel in layout.head_tables:  # one column per head (multi-head attention: a group is a head)
             table = _get(m, rel)
             if table is not None and table._parameters.get("weight") is not None:
-                cuts.append(Cut(table, f"{lay.name}.{rel}", "weight", 1, "embed", tuple((g,) for g in range(lay.kv))))
+                cuts.append(
+                    Cut(table, f"{lay.name}.{rel}", "weight", 1, "embed", tuple((g,) for g in range(lay.kv)))
+                )
         slots.append(Slot(f"{lay.name}:kv", lay.kv, tuple(cuts), core=((attn, 1.0 / lay.kv),)))
         # query heads inside each key/value group
         if n_rep > 1:
@@ -553,7 +571,8 @@ class TransformerFamily(Family):
                 continue
             full = f"{root_prefix}{name}"
             w = module._parameters.get("weight")
-            for pname in layout.hidden_params:  # raw parameters known by name: the hidden size is their last dim
+            # Raw parameters known by name (ViT's class token ...): the hidden size is their last dimension.
+            for pname in layout.hidden_params:
                 raw = module._parameters.get(pname)
                 if raw is not None and id(raw) not in inside and raw.dim() >= 1 and raw.shape[-1] == width:
                     cuts.append(Cut(module, full, pname, raw.dim() - 1, "embed", units))
