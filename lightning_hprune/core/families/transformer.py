@@ -19,6 +19,11 @@ their head size as ``hidden_size / num_attention_heads`` (BERT, GPT-2) can only 
 there takes ``head_dim`` hidden channels with it (and the hidden size is not pruned on its own).
 Layers are removed from the layer list; ``layer_idx`` (used by key/value caches), ``num_hidden_layers`` and
 ``layer_types`` follow.
+
+Layouts may also pin layers (T5's layer 0 holds the relative position bias every layer uses: never removed,
+and the same heads go from every layer with their bias column), repeat one layer (ALBERT: no layer removal),
+name raw parameters that carry the hidden size (ViT's class token and position embeddings), or protect the
+hidden size (BART, whose decoder shares it).
 """
 
 from __future__ import annotations
