@@ -16,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from lightning_hprune import BlockLevel, GlobalLevel, LayerLevel
 from lightning_hprune.core.families import TransformerFamily, detect
 from lightning_hprune.core.families.pretrained import PerLayerWidthsError, config_mismatches
-from lightning_hprune.core.graph import PruningGraph
+from lightning_hprune.core.graph import PruningError, PruningGraph
 from lightning_hprune.core.measure import count_macs
 from lightning_hprune.core.schedules import EventSchedule
 from lightning_hprune.core.session import PruningSession
@@ -65,20 +65,35 @@ def test_each_family_prunes_layers_heads_ffn_and_hidden_with_a_true_config(case:
     model, session = prune_every_kind(case)
     family = session.graph.family if session.graph is not None else None
     assert isinstance(family, TransformerFamily)
-    dense = shape_of(TransformerFamily.detect(case.build()))  # type: ignore[arg-type]
+    dense_model = case.build()
+    dense = shape_of(TransformerFamily.detect(dense_model))  # type: ignore[arg-type]
     now = shape_of(family)
-    assert now["layers"] == dense["layers"] - 1  # a whole layer left the layer list
-    assert now["heads"] < dense["heads"]
+    protected = session.graph.protected_groups
+    if case.layers:
+        assert now["layers"] == dense["layers"] - 1  # a whole layer left the layer list
+    else:  # ALBERT: one shared layer, run num_hidden_layers times
+        assert now["layers"] == dense["layers"]
+        assert "layers" in protected
+    if case.hidden or not case.derived_heads:
+        assert now["heads"] < dense["heads"]
+    else:  # the head size is hidden / heads and the hidden size is protected
+        assert now["heads"] == dense["heads"]
+        assert "heads" in protected
     assert now["heads"] % now["kv"] == 0  # query heads stay grouped by key/value head
     assert now["ffn"] < dense["ffn"]
-    assert now["hidden"] < dense["hidden"]
+    if case.hidden:
+        assert now["hidden"] < dense["hidden"]
+    else:
+        assert now["hidden"] == dense["hidden"]
+        assert "hidden" in protected
     assert now["head_dim"] == dense["head_dim"]  # heads are never cut through (rotary dims intact)
     if case.derived_heads:
         assert now["hidden"] == now["heads"] * now["head_dim"]  # the head size the config derives is kept
     assert config_mismatches(model) == []  # the config describes the modules
     cfg = family.config
+    layer_count = now["layers"] if family.layout.layer_count_key else dense_model.config.num_hidden_layers
     assert (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.hidden_size) == (
-        now["layers"],
+        layer_count,
         now["heads"],
         now["hidden"],
     )
@@ -86,7 +101,8 @@ def test_each_family_prunes_layers_heads_ffn_and_hidden_with_a_true_config(case:
         assert getattr(cfg, family.layout.kv_key) == now["kv"]
     assert getattr(cfg, family.layout.intermediate_key) == now["ffn"]
     indices = [m.layer_idx for m in model.modules() if isinstance(m.__dict__.get("layer_idx"), int)]
-    assert sorted(set(indices)) == list(range(now["layers"]))  # renumbered for key/value caches
+    if any(isinstance(m.__dict__.get("layer_idx"), int) for m in dense_model.modules()):
+        assert sorted(set(indices)) == list(range(now["layers"]))  # renumbered for key/value caches
     # The model still runs, keeps its output shape and trains.
     x = case.inputs()
     out = logits(model.train(), x)
@@ -211,7 +227,8 @@ def test_pruned_models_round_trip_through_plain_from_pretrained_in_a_fresh_proce
         "for name, case in json.load(open(root + '/cases.json')).items():\n"
         "    model = getattr(transformers, case['auto']).from_pretrained(root + '/' + name).eval()\n"
         "    ref = torch.load(root + '/' + name + '/reference.pt')\n"
-        "    got = model(**ref['inputs']).logits\n"
+        "    res = model(**ref['inputs'])\n"
+        "    got = res.logits if getattr(res, 'logits', None) is not None else res[0]\n"
         "    gen = None\n"
         "    if case['generated'] is not None:\n"
         "        gen = model.generate(ref['inputs']['input_ids'][:1, :4], max_new_tokens=4, do_sample=False).tolist()\n"
@@ -229,3 +246,102 @@ def test_pruned_models_round_trip_through_plain_from_pretrained_in_a_fresh_proce
         assert r["hprune"] is False  # plain transformers: the library was never imported
         assert r["diff"] <= 1e-5, name
         assert r["generated"] == expected[name]["generated"], name
+
+
+def test_t5_removes_the_same_heads_from_every_layer_with_their_position_bias() -> None:
+    """Layer 0's relative position bias (one column per head) is added to every layer's scores: a head goes
+    from every layer at once, with its column, and the model equals the dense one without those heads."""
+    import copy
+
+    from lightning_hprune.core.importance import RandomImportance
+
+    case = BY_NAME["t5-encoder"]
+    torch.manual_seed(0)
+    model = case.build().eval()
+    dense = copy.deepcopy(model)
+    graph = PruningGraph(model, case.inputs(batch=1))
+    [heads] = [g for g in graph.groups() if g.name == "heads"]
+    assert heads.shared
+    assert heads.size == 4
+    assert len(heads.slots) == 3
+    torch.manual_seed(1)
+    heads.score(RandomImportance())
+    removals = heads.expand([0, 1])
+    gone = {tuple(v) for v in removals.values()}
+    assert len(gone) == 1  # the same heads in every layer
+    [drop] = gone
+    graph.prune(removals)
+    d, kept = 12, [h for h in range(4) if h not in drop]
+    block0 = model.transformer.encoder.block[0].layer[0].SelfAttention
+    dense0 = dense.transformer.encoder.block[0].layer[0].SelfAttention
+    torch.testing.assert_close(
+        block0.relative_attention_bias.weight, dense0.relative_attention_bias.weight[:, kept]
+    )
+    assert (block0.n_heads, block0.inner_dim, model.config.num_heads) == (2, 24, 2)
+    with torch.no_grad():  # the dense model without those heads: their output columns zeroed in every layer
+        for block in dense.transformer.encoder.block:
+            for h in drop:
+                block.layer[0].SelfAttention.o.weight[:, h * d : (h + 1) * d] = 0
+    x = case.inputs()
+    torch.testing.assert_close(logits(model, x), logits(dense, x))
+
+
+def test_t5_layer_0_is_never_removed_and_albert_layers_are_not_removable() -> None:
+    t5 = BY_NAME["t5-encoder"].build()
+    family = detect(t5)
+    assert isinstance(family, TransformerFamily)
+    assert family.removable_layers(t5) == ["transformer.encoder.block.1", "transformer.encoder.block.2"]
+    with pytest.raises(PruningError, match="relative_attention_bias"):
+        family.remove_layers(t5, ["transformer.encoder.block.0"])
+    assert len(t5.transformer.encoder.block) == 3
+    albert = BY_NAME["albert"].build()
+    family = detect(albert)
+    assert isinstance(family, TransformerFamily)
+    assert family.removable_layers(albert) == []
+    graph = PruningGraph(albert, BY_NAME["albert"].inputs(batch=1))
+    assert {g.name for g in graph.groups()} == {"heads", "ffn"}  # heads take their hidden channels with them
+    assert "num_hidden_layers times" in graph.protected_groups["layers"]
+    with pytest.raises(PruningError, match="repeated"):
+        family.remove_layers(albert, family.layers(albert))
+    assert albert.config.num_hidden_layers == 3
+
+
+def test_swin_is_not_a_known_layout_its_heads_stay_and_the_rest_prunes() -> None:
+    """Swin (stages of different widths, per-head relative position bias tables, patch merging) goes through
+    torch-pruning's graph: its attention heads are protected (never cut through), its MLP widths prune."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.SwinConfig(
+        image_size=32,
+        patch_size=4,
+        embed_dim=16,
+        depths=[2, 2],
+        num_heads=[2, 4],
+        window_size=4,
+        mlp_ratio=2.0,
+        num_labels=3,
+    )
+    torch.manual_seed(0)
+    model = transformers.SwinForImageClassification(config).eval()
+    dense = {n: p.shape for n, p in model.named_parameters()}
+    assert detect(model) is None
+    x = {"pixel_values": torch.randn(2, 3, 32, 32)}
+    session = PruningSession(
+        [BlockLevel(max_blocks=1, share=0.3, schedule="constant"), GlobalLevel()],
+        target=0.5,
+        schedule=EventSchedule(0, 1),
+        round_to=4,
+        measure_latency=False,
+    )
+    session.use_example_input({"pixel_values": x["pixel_values"][:1]})
+    for epoch in range(2):
+        plan = session.plan(model)
+        session.record(model, plan, session.execute(model, plan), epoch=epoch, step=epoch)
+    assert session.graph is not None
+    assert any(".attention" in v for v in session.graph.protected_groups.values())
+    now = {n: p.shape for n, p in model.named_parameters()}
+    for name, shape in dense.items():
+        if "relative_position_bias_table" in name or any(k in name for k in ("q_proj", "k_proj", "v_proj")):
+            dim = 1 if "table" in name else 0  # the table has a column per head; q/k/v a row per head channel
+            assert now[name][dim] == shape[dim]  # heads and their position bias intact
+    assert any(now[n] != s for n, s in dense.items() if ".mlp.fc1." in n)  # MLP widths pruned
+    assert model(**x).logits.shape == (2, 3)

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 VOCAB = 96
+IMAGE = 32  # pixels per side of the image models' inputs
 
 
 @dataclass(frozen=True)
@@ -22,10 +23,20 @@ class Case:
     causal: bool = False  # a language model: `generate` must run
     derived_heads: bool = False  # head size = hidden_size / num_attention_heads (BERT, GPT-2)
     gqa: bool = False  # fewer key/value heads than query heads
+    #: "tokens", "pixels" (pixel_values of IMAGE) or "eos" (tokens ending in one <eos>: BART)
+    kind: str = "tokens"
+    layers: bool = True  # whole layers are removable
+    hidden: bool = True  # the hidden size is prunable (and with a derived head size, the heads)
 
     def inputs(self, batch: int = 2, length: int = 10, seed: int = 0) -> dict[str, Any]:
         g = torch.Generator().manual_seed(seed)
-        return {"input_ids": torch.randint(1, VOCAB, (batch, length), generator=g)}
+        if self.kind == "pixels":
+            return {"pixel_values": torch.randn(batch, 3, IMAGE, IMAGE, generator=g)}
+        ids = torch.randint(1, VOCAB, (batch, length), generator=g)
+        if self.kind == "eos":  # BART's classification head reads the hidden state at the one <eos> per row
+            ids = torch.randint(3, VOCAB, (batch, length), generator=g)
+            ids[:, -1] = 2
+        return {"input_ids": ids}
 
 
 def _t() -> Any:
@@ -75,6 +86,37 @@ def _bert_kwargs(**extra: Any) -> dict[str, Any]:
         "intermediate_size": 96,
         "max_position_embeddings": 70,
         "num_labels": 3,
+    }
+    base.update(extra)
+    return base
+
+
+def _vit_kwargs(**extra: Any) -> dict[str, Any]:
+    base = {
+        "image_size": IMAGE,
+        "patch_size": 8,
+        "hidden_size": 48,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "intermediate_size": 80,
+        "num_labels": 3,
+    }
+    base.update(extra)
+    return base
+
+
+def _t5_kwargs(**extra: Any) -> dict[str, Any]:
+    base = {
+        "vocab_size": VOCAB,
+        "d_model": 48,
+        "d_kv": 12,
+        "d_ff": 80,
+        "num_layers": 3,
+        "num_heads": 4,
+        "relative_attention_num_buckets": 8,
+        "pad_token_id": 0,
+        "eos_token_id": 2,
+        "decoder_start_token_id": 0,
     }
     base.update(extra)
     return base
@@ -164,6 +206,83 @@ ENCODERS = [
         "AutoModelForSequenceClassification",
         derived_heads=True,
     ),
+    Case(
+        "distilbert",
+        lambda: _t().DistilBertForSequenceClassification(
+            _t().DistilBertConfig(
+                vocab_size=VOCAB,
+                dim=48,
+                hidden_dim=80,
+                n_layers=3,
+                n_heads=4,
+                max_position_embeddings=70,
+                num_labels=3,
+            )
+        ),
+        "AutoModelForSequenceClassification",
+        derived_heads=True,
+    ),
+    Case(
+        "albert",
+        lambda: _t().AlbertForSequenceClassification(
+            _t().AlbertConfig(
+                **_bert_kwargs(hidden_size=48, embedding_size=24, intermediate_size=80, num_hidden_layers=3)
+            )
+        ),
+        "AutoModelForSequenceClassification",
+        derived_heads=True,
+        layers=False,
+    ),
+    Case(
+        "vit",
+        lambda: _t().ViTForImageClassification(_t().ViTConfig(**_vit_kwargs())),
+        "AutoModelForImageClassification",
+        kind="pixels",
+    ),
+    Case(
+        "deit",
+        lambda: _t().DeiTForImageClassificationWithTeacher(_t().DeiTConfig(**_vit_kwargs())),
+        "DeiTForImageClassificationWithTeacher",
+        kind="pixels",
+    ),
+    # T5ForTokenClassification: a T5EncoderModel with a token head (a bare encoder outputs the hidden size).
+    Case(
+        "t5-encoder",
+        lambda: _t().T5ForTokenClassification(_t().T5Config(**_t5_kwargs())),
+        "AutoModelForTokenClassification",
+    ),
+    Case(
+        "t5-encoder-gated",
+        lambda: _t().T5ForTokenClassification(_t().T5Config(**_t5_kwargs(feed_forward_proj="gated-gelu"))),
+        "AutoModelForTokenClassification",
+    ),
+    Case(
+        "bart-cls",
+        lambda: _t().BartForSequenceClassification(
+            _t().BartConfig(
+                vocab_size=VOCAB,
+                d_model=48,
+                encoder_layers=3,
+                decoder_layers=2,
+                encoder_attention_heads=4,
+                decoder_attention_heads=4,
+                encoder_ffn_dim=80,
+                decoder_ffn_dim=80,
+                max_position_embeddings=70,
+                num_labels=3,
+                pad_token_id=0,
+                bos_token_id=1,
+                eos_token_id=2,
+                decoder_start_token_id=2,
+                encoder_layerdrop=0.0,
+                decoder_layerdrop=0.0,
+            )
+        ),
+        "AutoModelForSequenceClassification",
+        derived_heads=True,
+        kind="eos",
+        hidden=False,
+    ),
 ]
 
 FAMILY_CASES = DECODERS + ENCODERS
@@ -172,4 +291,4 @@ BY_NAME = {c.name: c for c in FAMILY_CASES}
 
 def logits(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
     out = model(**inputs)
-    return out.logits if hasattr(out, "logits") else out[0]
+    return out.logits if getattr(out, "logits", None) is not None else out[0]

@@ -513,7 +513,14 @@ class PruningCallback(Callback):
 
     def _attach(self, pl_module: pl.LightningModule) -> None:
         graph = self.session.attach(pl_module)
-        if graph.protected_groups:
+        family = getattr(graph, "family", None)
+        if graph.protected_groups and family is not None:  # a known layout says what it leaves alone, and why
+            reasons = "; ".join(f"{k}: {v}" for k, v in sorted(graph.protected_groups.items()))
+            rank_zero_warn(
+                f"{type(self).__name__}: the {family.name} layout does not prune {sorted(graph.protected_groups)} "
+                f"({reasons}). Its other widths still are."
+            )
+        elif graph.protected_groups:
             rank_zero_warn(
                 f"{type(self).__name__}: the attention layers {sorted(set(graph.protected_groups.values()))} "
                 "are not a recognised layout (timm `qkv` or Hugging Face `query`/`key`/`value`), so the "

@@ -43,11 +43,19 @@ def find_blocks(model: nn.Module, patterns: Sequence[str] = ()) -> list[str]:
     Args:
         model: the model.
         patterns: ``fnmatch`` globs of module names; when given, exactly the modules they match are
-            candidates. Otherwise, the children of every ``nn.ModuleList``/``nn.Sequential`` whose class name
-            ends with one of :data:`BLOCK_SUFFIXES` and that have no ``downsample`` module.
+            candidates. Otherwise, for a model of a known layout (:mod:`lightning_hprune.core.families`), the
+            layers its family may remove (not T5's layer 0, none of ALBERT's shared layer, no decoder layer of
+            a model whose encoder alone is known); for any other model, the children of every
+            ``nn.ModuleList``/``nn.Sequential`` whose class name ends with one of :data:`BLOCK_SUFFIXES` and
+            that have no ``downsample`` module.
 
     """
+    from lightning_hprune.core.families import detect
+
     found: list[str] = []
+    family = None if patterns else detect(model)
+    if family is not None:
+        return family.removable_layers(model)
     if patterns:
         for name, module in model.named_modules():
             if (
@@ -86,6 +94,26 @@ def skipped(model: nn.Module, name: str) -> Iterator[None]:
         yield
     finally:
         _set_module(model, name, old)
+
+
+@contextmanager
+def left_out(model: nn.Module, name: str) -> Iterator[None]:
+    """Temporarily take module ``name`` out of its ``nn.ModuleList`` (put back on exit, even on error).
+
+    For a layer whose output is a tuple (T5's ``(hidden, position bias, ...)``), which no stand-in returning the
+    input can mimic: the model runs as it would with the layer removed from its layer list.
+    """
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if not isinstance(parent, nn.ModuleList) or not child.isdigit():
+        raise RuntimeError(f"{name} returns a tuple and is not in a layer list")
+    index = int(child)
+    layer = parent[index]
+    del parent[index]
+    try:
+        yield
+    finally:
+        parent.insert(index, layer)
 
 
 def _first_tensor(obj: Any) -> torch.Tensor | None:
@@ -153,7 +181,13 @@ def block_scores(
     device, dtype = model_device_dtype(model)
     batches = [move_to(x, device, dtype) for x in inputs]
     trial = move_to(example_inputs, device, dtype) if example_inputs is not None else batches[0]
+    from lightning_hprune.core.families import detect
+
     refused: dict[str, str] = {}
+    family = detect(model)
+    # Layers a known layout removes from their layer list (not replaced by a stand-in) may return tuples.
+    deletable = set(family.removable_layers(model)) if family is not None else set()
+    tupled: set[str] = set()
     sums = dict.fromkeys(names, 0.0)
     counts = dict.fromkeys(names, 0)
     with preserved_modes(model):
@@ -163,6 +197,14 @@ def block_scores(
         def hook(name: str) -> Any:
             def fn(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
                 x = args[0] if args else _first_tensor(kwargs)
+                if (
+                    isinstance(output, tuple)
+                    and output
+                    and isinstance(output[0], torch.Tensor)
+                    and name in deletable
+                ):  # a known layout's layer returning (hidden states, ...), removed by deletion: scored on those
+                    tupled.add(name)
+                    output = output[0]
                 if not isinstance(output, torch.Tensor) or not isinstance(x, torch.Tensor):
                     refused[name] = f"its output is a {type(output).__name__}, not a tensor"
                 elif output.shape != x.shape:
@@ -189,7 +231,7 @@ def block_scores(
             if counts[name] == 0 and metric != "output":
                 refused[name] = "it was not called in the forward pass"
                 continue
-            with skipped(model, name):
+            with left_out(model, name) if name in tupled else skipped(model, name):
                 try:
                     out = _first_tensor(call_model(model, trial))
                     if metric == "output":

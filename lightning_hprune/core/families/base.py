@@ -59,6 +59,8 @@ class FamilyGroup(ChannelGroup):
     allowed: tuple[int, ...] | None = None
     #: Kept widths are multiples of this (with the callback's ``round_to``); ``None``: ``round_to`` only.
     step: int | None = None
+    #: Every slot removes the same units (their scores summed), not each its own lowest-scoring ones.
+    shared: bool = False
     _ranking: dict[str, list[int]] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -84,6 +86,7 @@ class FamilyGroup(ChannelGroup):
         ``0, 1/(n-1), ..., 1``: levels that rank across groups remove about the same share of every kind, and
         the criterion decides which units go in each layer.
         """
+        total: torch.Tensor | None = None
         for slot in self.slots:
             s = importance.score_cuts(slot.cuts).float().flatten()
             if s.numel() != slot.size:
@@ -91,6 +94,13 @@ class FamilyGroup(ChannelGroup):
                     f"Expected {slot.size} scores for the units of {slot.name!r}, but the criterion gave {s.numel()}."
                 )
             self._ranking[slot.name] = torch.argsort(s, stable=True).tolist()
+            if self.shared and slot.per_unit == 1:
+                total = s if total is None else total + s
+        if total is not None:  # the same units in every slot: ranked by their summed scores
+            order = torch.argsort(total, stable=True).tolist()
+            for slot in self.slots:
+                if slot.per_unit == 1 and slot.size == len(order):
+                    self._ranking[slot.name] = order
         return torch.linspace(0.0, 1.0, self.size) if self.size > 1 else torch.zeros(self.size)
 
     def expand(self, units: Sequence[int]) -> dict[str, list[int]]:
@@ -158,6 +168,8 @@ def fix_attributes(module: nn.Module) -> None:
         module.out_features, module.in_features = int(w.shape[0]), int(w.shape[1])
     elif isinstance(module, nn.Embedding):
         module.num_embeddings, module.embedding_dim = int(w.shape[0]), int(w.shape[1])
+    elif isinstance(module, nn.Conv2d):
+        module.out_channels, module.in_channels = int(w.shape[0]), int(w.shape[1]) * module.groups
     elif isinstance(module, nn.LayerNorm):
         module.normalized_shape = (int(w.shape[0]),)
     elif type(module).__name__ == "Conv1D" and w.dim() == 2:
@@ -198,6 +210,10 @@ class Family(abc.ABC):
     @abc.abstractmethod
     def layers(self, model: nn.Module) -> list[str]:
         """Names of the model's removable layers (children of its layer list), in order."""
+
+    def removable_layers(self, model: nn.Module) -> list[str]:
+        """The layers :meth:`remove_layers` accepts (default: every layer)."""
+        return self.layers(model)
 
     @abc.abstractmethod
     def remove_layers(self, model: nn.Module, names: Sequence[str]) -> None:

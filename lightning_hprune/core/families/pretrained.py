@@ -45,7 +45,9 @@ def config_mismatches(model: nn.Module) -> list[str]:
         return []
     config, problems = family.config, []
     layers = family._read()
-    expect = {"num_hidden_layers": len(layers), "hidden_size": family.hidden_size()}
+    expect = {"hidden_size": family.hidden_size()}
+    if family.layout.layer_count_key is not None:
+        expect[family.layout.layer_count_key] = len(layers)
     if len({lay.heads for lay in layers}) == 1:
         expect["num_attention_heads"] = layers[0].heads
     if family.layout.kv_key and len({lay.kv for lay in layers}) == 1:

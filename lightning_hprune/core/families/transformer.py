@@ -19,12 +19,17 @@ their head size as ``hidden_size / num_attention_heads`` (BERT, GPT-2) can only 
 there takes ``head_dim`` hidden channels with it (and the hidden size is not pruned on its own).
 Layers are removed from the layer list; ``layer_idx`` (used by key/value caches), ``num_hidden_layers`` and
 ``layer_types`` follow.
+
+Layouts may also pin layers (T5's layer 0 holds the relative position bias every layer uses: never removed,
+and the same heads go from every layer with their bias column), repeat one layer (ALBERT: no layer removal),
+name raw parameters that carry the hidden size (ViT's class token and position embeddings), or protect the
+hidden size (BART, whose decoder shares it).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch.nn as nn
@@ -58,6 +63,18 @@ class Layout:
             (``LlamaConfig``): in uniform mode head counts stay divisors of the current one and the hidden size a
             multiple of it.
         attention_attrs: sets the attention module's own head attributes: ``f(module, heads, kv_heads, head_dim)``.
+        head_size_attrs: the attention module's attributes that hold the head size (the first one set wins).
+        layer_count_key: the config key of the layer count (``None``: the layer list is repeated, as ALBERT
+            runs one shared layer ``num_hidden_layers`` times; layers are then not removed).
+        pinned: a path inside a layer; a layer that has it is never removed (T5's layer 0 holds the relative
+            position bias every layer uses).
+        head_tables: paths inside a layer of embedding tables with one column per head (T5's
+            ``relative_attention_bias``): a head removed takes its column with it.
+        shared_heads: the same heads are removed from every layer (T5: layer 0's position bias, one row per
+            head, is added to every layer's attention scores); implies ``heads_from_config``.
+        hidden_params: names of raw parameters outside the layers whose last dimension is the hidden size
+            (ViT's ``cls_token``, ``position_embeddings``, DeiT's ``distillation_token``).
+        protect_hidden: why the hidden size is never pruned (``None``: it is).
 
     """
 
@@ -78,6 +95,12 @@ class Layout:
     heads_divide_hidden: bool = False
     attention_attrs: Callable[[nn.Module, int, int, int], None] | None = None
     head_size_attrs: tuple[str, ...] = ("head_dim",)
+    layer_count_key: str | None = "num_hidden_layers"
+    pinned: str | None = None
+    head_tables: tuple[str, ...] = ()
+    shared_heads: bool = False
+    hidden_params: tuple[str, ...] = ()
+    protect_hidden: str | None = None
 
     def fused_qkv(self) -> bool:
         """Whether q, k and v come from one projection."""
@@ -179,7 +202,127 @@ BERT = Layout(
     attention_attrs=_bert_attrs,
     head_size_attrs=("attention_head_size",),
 )
-LAYOUTS: tuple[Layout, ...] = (LLAMA, MISTRAL_QWEN, PHI3, GPT2, BERT)
+
+
+def _distilbert_attrs(attn: nn.Module, heads: int, kv: int, head_dim: int) -> None:
+    attn.n_heads = heads  # type: ignore[assignment]
+    attn.dim = heads * head_dim  # type: ignore[assignment]
+
+
+def _heads_attr(attr: str) -> Callable[[nn.Module, int, int, int], None]:
+    def set_heads(attn: nn.Module, heads: int, kv: int, head_dim: int) -> None:
+        setattr(attn, attr, heads)
+
+    return set_heads
+
+
+def _t5_attrs(attn: nn.Module, heads: int, kv: int, head_dim: int) -> None:
+    attn.n_heads = heads  # type: ignore[assignment]
+    attn.inner_dim = heads * head_dim  # type: ignore[assignment]
+
+
+DISTILBERT = Layout(
+    model_types=("distilbert",),
+    layers="{base}transformer.layer",
+    attention="attention",
+    q="attention.q_lin",
+    k="attention.k_lin",
+    v="attention.v_lin",
+    o="attention.out_lin",
+    up=("ffn.lin1",),
+    down="ffn.lin2",
+    norms=("sa_layer_norm", "output_layer_norm"),
+    head_dim_key=None,
+    kv_key=None,
+    intermediate_key="hidden_dim",
+    attention_attrs=_distilbert_attrs,
+    head_size_attrs=("attention_head_size",),
+)
+ALBERT = Layout(
+    model_types=("albert",),
+    layers="{base}encoder.albert_layer_groups.0.albert_layers",
+    attention="attention",
+    q="attention.query",
+    k="attention.key",
+    v="attention.value",
+    o="attention.dense",
+    up=("ffn",),
+    down="ffn_output",
+    norms=("attention.LayerNorm", "full_layer_layer_norm"),
+    head_dim_key=None,
+    kv_key=None,
+    attention_attrs=_bert_attrs,
+    head_size_attrs=("attention_head_size",),
+    layer_count_key=None,
+)
+VIT = Layout(
+    model_types=("vit", "deit"),
+    layers="{base}layers",
+    attention="attention",
+    q="attention.q_proj",
+    k="attention.k_proj",
+    v="attention.v_proj",
+    o="attention.o_proj",
+    up=("mlp.fc1",),
+    down="mlp.fc2",
+    norms=("layernorm_before", "layernorm_after"),
+    kv_key=None,
+    attention_attrs=_heads_attr("num_attention_heads"),
+    hidden_params=("cls_token", "distillation_token", "mask_token", "position_embeddings"),
+)
+T5_GATED = Layout(
+    model_types=("t5", "mt5", "umt5"),
+    layers="{base}encoder.block",
+    attention="layer.0.SelfAttention",
+    q="layer.0.SelfAttention.q",
+    k="layer.0.SelfAttention.k",
+    v="layer.0.SelfAttention.v",
+    o="layer.0.SelfAttention.o",
+    up=("layer.1.DenseReluDense.wi_0", "layer.1.DenseReluDense.wi_1"),
+    down="layer.1.DenseReluDense.wo",
+    norms=("layer.0.layer_norm", "layer.1.layer_norm"),
+    head_dim_key="d_kv",
+    kv_key=None,
+    intermediate_key="d_ff",
+    heads_from_config=True,
+    attention_attrs=_t5_attrs,
+    head_size_attrs=("key_value_proj_dim",),
+    pinned="layer.0.SelfAttention.relative_attention_bias",
+    head_tables=("layer.0.SelfAttention.relative_attention_bias",),
+    shared_heads=True,
+)
+T5 = replace(T5_GATED, up=("layer.1.DenseReluDense.wi",))
+BART = Layout(
+    model_types=("bart", "mbart"),
+    layers="{base}encoder.layers",
+    attention="self_attn",
+    q="self_attn.q_proj",
+    k="self_attn.k_proj",
+    v="self_attn.v_proj",
+    o="self_attn.out_proj",
+    up=("fc1",),
+    down="fc2",
+    norms=("self_attn_layer_norm", "final_layer_norm"),
+    head_dim_key=None,
+    kv_key=None,
+    intermediate_key="encoder_ffn_dim",
+    attention_attrs=_heads_attr("num_heads"),
+    protect_hidden="the decoder reads the hidden size too (its head size is d_model / decoder_attention_heads), "
+    "and only the encoder's layout is known",
+)
+LAYOUTS: tuple[Layout, ...] = (
+    LLAMA,
+    MISTRAL_QWEN,
+    PHI3,
+    GPT2,
+    BERT,
+    DISTILBERT,
+    ALBERT,
+    VIT,
+    T5_GATED,
+    T5,
+    BART,
+)
 
 
 def _get(model: nn.Module, path: str) -> nn.Module | None:
@@ -187,6 +330,15 @@ def _get(model: nn.Module, path: str) -> nn.Module | None:
         return model.get_submodule(path) if path else model
     except AttributeError:
         return None
+
+
+def _fits(module: nn.Module, layout: Layout, base: str) -> bool:
+    """Whether ``module`` has the layer list of ``layout`` and its first layer every part the layout names."""
+    layers = _get(module, layout.layers.format(base=base))
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        return False
+    parts = (layout.attention, layout.q, layout.k, layout.v, layout.o, *layout.up, layout.down, *layout.norms)
+    return all(_get(layers[0], rel) is not None for rel in parts)
 
 
 @dataclass
@@ -222,16 +374,20 @@ class TransformerFamily(Family):
             model_type = getattr(config, "model_type", None)
             if not isinstance(model_type, str) or not hasattr(module, "base_model_prefix"):
                 continue
-            layout = next((lay for lay in LAYOUTS if model_type in lay.model_types), None)
-            if layout is None:
-                return None
             prefix = getattr(module, "base_model_prefix", "")
             base = f"{prefix}." if prefix and prefix in module._modules else ""
-            if _get(module, layout.layers.format(base=base)) is None:
-                return None
-            return cls(
-                layout=layout, prefix=f"{name}." if name else "", base=base, hf=module, name=model_type
-            )
+            # The first layout of this model type whose layer list and first layer's parts exist (T5 comes with
+            # a plain or a gated FFN).
+            for layout in (lay for lay in LAYOUTS if model_type in lay.model_types):
+                if _fits(module, layout, base):
+                    return cls(
+                        layout=layout,
+                        prefix=f"{name}." if name else "",
+                        base=base,
+                        hf=module,
+                        name=model_type,
+                    )
+            return None
         return None
 
     # ------------------------------------------------------------------ reading the structure
@@ -252,6 +408,17 @@ class TransformerFamily(Family):
         """Absolute names of the layers, in order."""
         path = self._abs(self.layout.layers.format(base=self.base))
         return [f"{path}.{i}" for i in range(len(self._layer_list()))]
+
+    def removable_layers(self, model: nn.Module) -> list[str]:
+        """The layers that may be removed: none when the layer list is repeated, never a pinned one."""
+        if self.layout.layer_count_key is None:
+            return []
+        pinned = self.layout.pinned
+        return [
+            name
+            for name, layer in zip(self.layers(model), self._layer_list(), strict=True)
+            if pinned is None or _get(layer, pinned) is None
+        ]
 
     def _head_dim(self, layer: nn.Module) -> int:
         attn = layer.get_submodule(self.layout.attention)
@@ -337,6 +504,12 @@ class TransformerFamily(Family):
         cuts += self._proj_cuts(k_name, k, "out", [[k_off + i for i in u] for u in group_kv])
         cuts += self._proj_cuts(v_name, v, "out", [[v_off + i for i in u] for u in group_kv])
         cuts += self._proj_cuts(o_name, o, "in", [[i - q_off for i in u] for u in group_q])
+        for rel in layout.head_tables:  # one column per head (multi-head attention: a group is a head)
+            table = _get(m, rel)
+            if table is not None and table._parameters.get("weight") is not None:
+                cuts.append(
+                    Cut(table, f"{lay.name}.{rel}", "weight", 1, "embed", tuple((g,) for g in range(lay.kv)))
+                )
         slots.append(Slot(f"{lay.name}:kv", lay.kv, tuple(cuts), core=((attn, 1.0 / lay.kv),)))
         # query heads inside each key/value group
         if n_rep > 1:
@@ -364,6 +537,9 @@ class TransformerFamily(Family):
 
     def _hidden_slot(self, layers: Sequence[_Layer], model: nn.Module | None = None) -> Slot | None:
         layout, width = self.layout, self.hidden_size()
+        if layout.protect_hidden is not None:
+            self.protected["hidden"] = layout.protect_hidden
+            return None
         units = tuple((c,) for c in range(width))
         cuts: list[Cut] = []
         covered: set[int] = set()
@@ -400,11 +576,17 @@ class TransformerFamily(Family):
                 continue
             full = f"{root_prefix}{name}"
             w = module._parameters.get("weight")
+            # Raw parameters known by name (ViT's class token ...): the hidden size is their last dimension.
+            for pname in layout.hidden_params:
+                raw = module._parameters.get(pname)
+                if raw is not None and id(raw) not in inside and raw.dim() >= 1 and raw.shape[-1] == width:
+                    cuts.append(Cut(module, full, pname, raw.dim() - 1, "embed", units))
+                    covered.add(id(raw))
             if isinstance(module, nn.Embedding) and w is not None and w.shape[1] == width:
                 add(full, module, "embed")
             elif _is_norm(module) and w is not None and w.dim() == 1 and w.shape[0] == width:
                 add(full, module, "norm")
-            elif (isinstance(module, nn.Linear) or _conv1d(module)) and w is not None:
+            elif (isinstance(module, nn.Linear) or _conv1d(module) or _plain_conv(module)) and w is not None:
                 if w.shape[_dim(module, "in")] == width:
                     add(full, module, "in")
                 if w.shape[_dim(module, "out")] == width:
@@ -415,7 +597,7 @@ class TransformerFamily(Family):
         unknown = [
             f"{n}.{pn}"
             for n, mod in root.named_modules()
-            if not isinstance(mod, known) and not _conv1d(mod) and not _is_norm(mod)
+            if not isinstance(mod, known) and not _conv1d(mod) and not _is_norm(mod) and not _plain_conv(mod)
             for pn, p in mod.named_parameters(recurse=False)
             if id(p) not in covered and width in p.shape
         ]
@@ -445,11 +627,16 @@ class TransformerFamily(Family):
                 "pruning cannot tie: prune it with `uniform_widths=False`."
             )
         self.protected.clear()
+        if self.layout.layer_count_key is None:
+            self.protected["layers"] = (
+                f"the {self.name} model runs one shared layer config.num_hidden_layers times: whole layers are not "
+                "removed (heads and FFN cut from the shared layer apply to every repetition)"
+            )
         per_layer = {lay.name: self._layer_slots(lay) for lay in layers}
         hidden = self._hidden_slot(layers, model)
         derived = self.layout.head_dim_key is None
         specs: list[tuple[str, str, list[Slot]]] = []  # (name, kind, slots)
-        tie_heads = uniform or self.layout.heads_from_config
+        tie_heads = uniform or self.layout.heads_from_config or self.layout.shared_heads
         if derived and uniform and hidden is None:
             # The config derives the head size from hidden_size / num_attention_heads: heads cannot go alone.
             self.protected["heads"] = (
@@ -510,6 +697,7 @@ class TransformerFamily(Family):
                     slots=tuple(slots),
                     allowed=allowed.get(name),
                     step=step.get(name),
+                    shared=self.layout.shared_heads and kind == "heads",
                 )
             )
         return out
@@ -523,6 +711,15 @@ class TransformerFamily(Family):
             raise PruningError(
                 f"Only whole layers ({all_names[:2]}, ...) can be removed from a {self.name} model, but got {bad}."
             )
+        removable = self.removable_layers(model)
+        kept = [n for n in names if n not in removable]
+        if kept:
+            reason = (
+                "its layer list is repeated (config.num_hidden_layers times)"
+                if self.layout.layer_count_key is None
+                else f"they hold {self.layout.pinned}, which every layer uses"
+            )
+            raise PruningError(f"Cannot remove {kept} from the {self.name} model: {reason}.")
         if len(set(names)) >= len(all_names):
             raise PruningError(f"Cannot remove all {len(all_names)} layers of the {self.name} model.")
         layer_list = self._layer_list()
@@ -550,7 +747,8 @@ class TransformerFamily(Family):
                 )
         for module in model.modules():
             fix_attributes(module)
-        config.num_hidden_layers = len(layers)
+        if layout.layer_count_key is not None:
+            setattr(config, layout.layer_count_key, len(layers))
         config.hidden_size = self.hidden_size()
         if len({lay.heads for lay in layers}) == 1:
             config.num_attention_heads = layers[0].heads
@@ -577,6 +775,11 @@ class TransformerFamily(Family):
 
 def _conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D"
+
+
+def _plain_conv(module: nn.Module) -> bool:
+    """An ungrouped 2-d convolution (ViT's patch projection): weight ``[out, in, kh, kw]`` like a linear layer."""
+    return isinstance(module, nn.Conv2d) and module.groups == 1
 
 
 def _dim(module: nn.Module, role: str) -> int:
