@@ -111,6 +111,8 @@ class ChannelGroup:
             layer: residual convolutions, normalisations). Unlike ``name``, which is whichever layer
             torch-pruning picks as root and may change after a block is removed, each of these modules
             keeps its place in the group, so they identify it across structural changes.
+        multiple_of: kept widths are multiples of this (the head counts of the ``nn.MultiheadAttention``
+            layers whose ``embed_dim`` the group is: ``embed_dim % num_heads == 0`` must hold).
 
     """
 
@@ -120,6 +122,7 @@ class ChannelGroup:
     group: Any
     units: tuple[tuple[int, ...], ...] | None = None
     outputs: tuple[str, ...] = ()
+    multiple_of: int = 1
 
     @property
     def align(self) -> int | None:
@@ -149,8 +152,8 @@ class ChannelGroup:
         return torch.stack([flat[list(u)].mean() for u in self.units])
 
     def allows(self, width: int) -> bool:
-        """Whether the group may keep ``width`` units (every width, unless a layout restricts them)."""
-        return True
+        """Whether the group may keep ``width`` units (multiples of ``multiple_of``, unless a layout restricts them)."""
+        return width % self.multiple_of == 0
 
     @property
     def kind_key(self) -> str:
@@ -252,8 +255,9 @@ class PruningGraph:
             self._protected: dict[str, str] = {}
             #: Groups left out because they would cut through the heads of an unrecognised attention layer.
             self.protected_groups: dict[str, str] = {}
-            self.left_alone = {}
-            self._unmappable = set()
+            #: Groups left out for another reason than attention heads: group name -> why.
+            self.left_alone: dict[str, str] = {}
+            self._unmappable: set[Any] = set()
             self._grouping_checked = True
             return
         device, dtype = model_device_dtype(self.model)
@@ -276,8 +280,7 @@ class PruningGraph:
         self.layouts = find_layouts(self.model)
         self._protected = protected_modules(self.model)
         self.protected_groups = {}
-        #: Groups left out for another reason than attention heads: group name -> why.
-        self.left_alone: dict[str, str] = {}
+        self.left_alone = {}
         #: Reshapes whose channel mapping torch-pruning could not work out (a channel shuffle, ...).
         self._unmappable = unmappable
         self._grouping_checked = False
@@ -375,9 +378,19 @@ class PruningGraph:
                         )
                     )
                     continue
+                heads = [
+                    d.target.module.num_heads
+                    for d, _ in group
+                    if isinstance(d.target.module, nn.MultiheadAttention)
+                ]
                 out.append(
                     ChannelGroup(
-                        name=name, size=len(group[0].idxs), modules=modules, group=group, outputs=outputs
+                        name=name,
+                        size=len(group[0].idxs),
+                        modules=modules,
+                        group=group,
+                        outputs=outputs,
+                        multiple_of=math.lcm(*heads) if heads else 1,
                     )
                 )
         return out
@@ -734,10 +747,14 @@ def _without_params(group: Any, names: Sequence[str]) -> Any:
     to_name = group._DG._param_to_name
     out = tp.dependency.Group()
     out._DG = group._DG
-    for dep, idxs in group:
-        if dep.target.type == tp_ops.OPTYPE.PARAMETER and to_name.get(dep.target.module) in skip:
-            continue
-        out.add_dep(dep, idxs)
+    # the items themselves: torch-pruning keeps each one's `root_idxs` on it
+    out._group = [
+        item
+        for item in group.items
+        if not (
+            item.dep.target.type == tp_ops.OPTYPE.PARAMETER and to_name.get(item.dep.target.module) in skip
+        )
+    ]
     return out
 
 
