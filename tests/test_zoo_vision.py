@@ -109,7 +109,7 @@ CASES = [
         heads=True,
         left_alone=True,  # the first stage's width goes through PatchMerging's 6-D view
     ),
-    Case("mobilevit", _timm("mobilevit_xxs"), (3, 64, 64), heads=True),
+    Case("mobilevit", _timm("mobilevit_xxs"), (3, 32, 32), heads=True),
     Case("convnext", _timm("convnext_atto", depths=(1, 1, 1, 1), dims=(16, 32, 48, 64)), (3, 32, 32)),
     Case("efficientnet", _timm("test_efficientnet"), (3, 32, 32)),
     Case("timm_regnet", _timm_regnet, (3, 32, 32), grouped=True),
@@ -252,3 +252,95 @@ def test_zoo_model_prunes_trains_reloads_and_counts_macs(case: Case, tmp_path: P
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x))
     assert [p.shape for p in loaded.parameters()] == [p.shape for p in model.parameters()]
+
+
+# ---------------------------------------------------------------------- exactness of the new units (no Trainer)
+def _swin() -> nn.Module:
+    return BY_NAME["swin"].build().eval()
+
+
+def test_swin_heads_are_removed_exactly_with_their_bias_table_column() -> None:
+    """Removing head 1 of a Swin window attention equals zeroing that head's output-projection columns."""
+    import copy
+
+    torch.manual_seed(0)
+    model = _swin()
+    reference = copy.deepcopy(model)
+    attn = model.layers[1].blocks[0].attn
+    d = attn.qkv.out_features // (3 * attn.num_heads)
+    table = attn.relative_position_bias_table.detach().clone()
+    with torch.no_grad():
+        reference.layers[1].blocks[0].attn.proj.weight[:, d : 2 * d] = 0
+    x = torch.randn(2, 3, 32, 32)
+    graph = PruningGraph(model, x[:1])
+    group = {g.name: g for g in graph.groups()}["layers.1.blocks.0.attn.qkv"]
+    assert (group.kind, group.size) == ("heads", 4)
+    graph.prune({group.name: [1]})
+    assert attn.num_heads == 3
+    assert attn.qkv.out_features == 3 * 3 * d
+    torch.testing.assert_close(attn.relative_position_bias_table.detach(), table[:, [0, 2, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x))
+
+
+def test_grouped_convolution_units_are_removed_exactly() -> None:
+    """timm RegNet, groups=3: removing offset 0 of every conv group equals zeroing those inputs of conv3."""
+    import copy
+
+    torch.manual_seed(0)
+    model = _timm_regnet().eval()
+    reference = copy.deepcopy(model)
+    x = torch.randn(2, 3, 32, 32)
+    graph = PruningGraph(model, x[:1])
+    groups = {g.name: g for g in graph.groups()}
+    block = model.s1.b1
+    assert block.conv2.conv.groups == 3
+    group = groups["s1.b1.conv2.conv"]
+    assert isinstance(group, GroupedChannelGroup)
+    assert (group.kind, group.per_unit, group.size) == ("channels", 3, 8)
+    assert group.units[0] == (0, 8, 16)  # offset 0 of each of the 3 blocks of 8 channels
+    assert [group.aligned(r) for r in (8, 4, 6)] == [8, 4, 2]  # units for kept widths of round_to channels
+    with torch.no_grad():
+        reference.s1.b1.conv3.conv.weight[:, [0, 8, 16]] = 0
+    graph.prune({group.name: [0]})
+    assert (block.conv2.conv.groups, block.conv2.conv.out_channels, block.conv2.conv.in_channels) == (
+        3,
+        21,
+        24,
+    )
+    assert block.conv2.conv.weight.shape == (21, 8, 3, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x))
+    assert graph.history[-1] == {"op": "channels", "module": "s1.b1.conv2.conv", "idxs": [0]}
+    fresh = _timm_regnet()
+    PruningGraph(fresh, x[:1]).replay(graph.history)
+    assert [p.shape for p in fresh.parameters()] == [p.shape for p in model.parameters()]
+
+
+def test_shufflenet_prunes_inside_its_branches_and_leaves_shuffled_channels_alone() -> None:
+    import copy
+
+    torch.manual_seed(0)
+    model = torchvision.models.shufflenet_v2_x0_5(num_classes=CLASSES).eval()
+    reference = copy.deepcopy(model)
+    x = torch.randn(2, 3, 32, 32)
+    graph = PruningGraph(model, x[:1])
+    names = {g.name for g in graph.groups()}
+    assert "stage2.1.branch2.0" in names  # inside a branch: no shuffle on the way
+    shuffled = {n for n, why in graph.left_alone.items() if "torch-pruning" in why}
+    assert "stage2.1.branch2.5" in shuffled  # its output is concatenated and shuffled
+    assert not names & set(graph.left_alone)
+    with torch.no_grad():
+        reference.stage2[1].branch2[5].weight[:, [2, 5]] = 0
+    graph.prune({"stage2.1.branch2.0": [2, 5]})
+    assert model.stage2[1].branch2[3].groups == model.stage2[1].branch2[3].out_channels == 22
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x))
+
+
+def test_multihead_attention_embedding_width_stays_a_multiple_of_its_heads() -> None:
+    model = TokenEncoder().eval()
+    graph = PruningGraph(model, torch.randn(1, 6, 8))
+    [stream] = [g for g in graph.groups() if any(m.endswith("self_attn") for m in g.modules)]
+    assert stream.multiple_of == 4
+    assert [w for w in range(1, 33) if stream.allows(w)] == [4, 8, 12, 16, 20, 24, 28, 32]

@@ -258,6 +258,7 @@ class PruningGraph:
             #: Groups left out for another reason than attention heads: group name -> why.
             self.left_alone: dict[str, str] = {}
             self._unmappable: set[Any] = set()
+            self._failing_roots: dict[int, str] | None = None
             self._grouping_checked = True
             return
         device, dtype = model_device_dtype(self.model)
@@ -283,6 +284,8 @@ class PruningGraph:
         self.left_alone = {}
         #: Reshapes whose channel mapping torch-pruning could not work out (a channel shuffle, ...).
         self._unmappable = unmappable
+        #: Roots whose group torch-pruning failed to map (``id`` -> error); ``None`` until one fails.
+        self._failing_roots = None
         self._grouping_checked = False
 
     # ------------------------------------------------------------------ groups
@@ -426,10 +429,12 @@ class PruningGraph:
     def _tp_groups(self, ignored: list[nn.Module]) -> list[Any]:
         """torch-pruning's groups, root by root when one of them cannot be mapped (see below)."""
         with _unmappable_reshapes(self._unmappable):
-            try:
-                return list(self._dg.get_all_groups(ignored_layers=ignored))
-            except _MAPPING_ERRORS:
-                return self._groups_one_by_one(ignored)
+            if self._failing_roots is None:
+                try:
+                    return list(self._dg.get_all_groups(ignored_layers=ignored))
+                except _MAPPING_ERRORS:
+                    self._failing_roots = {}
+            return self._groups_one_by_one(ignored)
 
     def _groups_one_by_one(self, ignored: list[nn.Module]) -> list[Any]:
         """torch-pruning's ``get_all_groups``, leaving alone the roots whose group it cannot map.
@@ -447,14 +452,21 @@ class PruningGraph:
             pruner = dg.get_pruner_of_module(module)
             if pruner is None or pruner.get_out_channels(module) is None or id(module) in visited:
                 continue
-            try:
-                group = dg.get_pruning_group(
-                    module, pruner.prune_out_channels, list(range(pruner.get_out_channels(module)))
-                )
-            except _MAPPING_ERRORS as err:
-                name = self._module2name.get(module, type(module).__name__)
+            name = self._module2name.get(module, type(module).__name__)
+            failed = self._failing_roots.get(id(module)) if self._failing_roots is not None else None
+            if failed is None:
+                try:
+                    group = dg.get_pruning_group(
+                        module, pruner.prune_out_channels, list(range(pruner.get_out_channels(module)))
+                    )
+                except _MAPPING_ERRORS as err:
+                    # pruning other groups does not make it mappable: not tried again until a rebuild
+                    failed = f"{type(err).__name__}: {err}"
+                    if self._failing_roots is not None:
+                        self._failing_roots[id(module)] = failed
+            if failed is not None:
                 self.left_alone[name] = (
-                    f"torch-pruning could not map its channels through the model ({type(err).__name__}: {err})"
+                    f"torch-pruning could not map its channels through the model ({failed})"
                 )
                 continue
             prunable = True
@@ -681,8 +693,12 @@ def _unmappable_reshapes(into: set[Any]) -> Iterator[None]:
     whose channels pass through it is left alone.
     """
     original = tp_index_mapping.update_reshape_index_mapping
+    decided: set[Any] = set()  # nothing is pruned while the context is open: a node's mapping stays right
 
     def guarded(graph: Any, node: Any) -> None:
+        if node in decided:
+            return
+        decided.add(node)
         saved = _saved_mappings(node)
         try:
             original(graph, node)
