@@ -527,6 +527,13 @@ class PruningCallback(Callback):
                 f"groups {sorted(graph.protected_groups)} that would cut through their heads are not "
                 "pruned. Their other widths (MLP, residual stream) still are."
             )
+        left_alone = getattr(graph, "left_alone", {})
+        if left_alone:
+            reasons = sorted(set(left_alone.values()))
+            rank_zero_warn(
+                f"{type(self).__name__}: {len(left_alone)} channel groups (e.g. {sorted(left_alone)[:3]}) are left "
+                f"alone; the rest of the model is pruned. Why: {'; '.join(reasons[:3])}."
+            )
 
     @override
     def on_train_batch_start(

@@ -9,9 +9,13 @@ channel scores are averaged per head, and after the surgery the layer's head cou
 
 Two layouts are recognised by duck typing (no import of timm or transformers):
 
-* **fused** (timm ``Attention``, ViT/DeiT/Swin-style): a child ``qkv`` :class:`~torch.nn.Linear` whose
+* **fused** (timm ``Attention``, ViT/DeiT/MobileViT-style): a child ``qkv`` :class:`~torch.nn.Linear` whose
   ``3 * num_heads * head_dim`` outputs are laid out ``[q | k | v]``, head-major inside each; ``num_heads``
   (and ``attn_dim`` when present) are updated;
+* **fused with a relative position bias table** (timm Swin ``WindowAttention``): the same ``qkv``, no
+  ``head_dim`` attribute (the forward reshapes with ``-1``), and a ``relative_position_bias_table``
+  parameter with one column per head. Removing a head removes its column of the table too. A module with
+  any other parameter of its own (BEiT's separate ``q_bias``/``v_bias``) is not recognised;
 * **separate** (Hugging Face encoders): three :class:`~torch.nn.Linear` children named
   ``query``/``key``/``value`` (BERT, RoBERTa, MiniLM, ViT) or ``q_lin``/``k_lin``/``v_lin`` (DistilBERT),
   with the same number of outputs, a multiple of the module's ``attention_head_size`` or ``head_dim``;
@@ -60,11 +64,13 @@ class HeadLayout:
     segments: int
     style: str
     head_size_attr: str = "head_dim"
+    tables: tuple[str, ...] = ()
+    head_dim: int = 0
 
     def heads(self, model: nn.Module) -> tuple[int, int]:
         """The current ``(num_heads, head_dim)`` of the layer (the count is read from the projection width)."""
         attn = model.get_submodule(self.module)
-        d = int(getattr(attn, self.head_size_attr))
+        d = self.head_dim or int(getattr(attn, self.head_size_attr))
         projection = model.get_submodule(self.projections[0])
         assert isinstance(projection, nn.Linear)
         return projection.out_features // (self.segments * d), d
@@ -83,6 +89,28 @@ class HeadLayout:
         """Channel indices of every head, in head order."""
         n, _ = self.heads(model)
         return tuple(tuple(self.channels(model, [h])) for h in range(n))
+
+    def table_names(self) -> list[str]:
+        """Parameter names of the layer's per-head tables, which torch-pruning must not slice itself."""
+        prefix = f"{self.module}." if self.module else ""
+        return [prefix + t for t in self.tables]
+
+    def prune_tables(self, model: nn.Module, heads: Sequence[int]) -> None:
+        """Remove the columns of ``heads`` from every per-head table (new parameters, recorded for optimizers)."""
+        if not self.tables:
+            return
+        from torch_pruning.pruner import function as tp_function
+
+        n, _ = self.heads(model)
+        keep = [h for h in range(n) if h not in {int(i) for i in heads}]
+        attn = model.get_submodule(self.module)
+        for name in self.tables:
+            table = attn._parameters[name]
+            assert table is not None
+            # through torch-pruning's slicing function, so that the parameter surgery records the change
+            attn._parameters[name] = tp_function.LinearPruner()._prune_parameter_and_grad(
+                table, keep, table.dim() - 1
+            )
 
     def sync_heads(self, model: nn.Module) -> None:
         """After pruning: set the layer's head-count (and width) attributes from its projections' width."""
@@ -114,6 +142,25 @@ def layout_of(name: str, module: nn.Module) -> HeadLayout | None:
     heads, dim = _int_attr(module, "num_heads"), _int_attr(module, "head_dim")
     if qkv is not None and heads and dim and qkv.out_features == 3 * heads * dim:
         return HeadLayout(module=name, projections=(f"{prefix}qkv",), segments=3, style="fused")
+    table = module._parameters.get("relative_position_bias_table")
+    if (
+        qkv is not None
+        and heads
+        and dim is None
+        and table is not None
+        and table.dim() == 2
+        and table.shape[1] == heads
+        and set(module._parameters) == {"relative_position_bias_table"}
+        and qkv.out_features % (3 * heads) == 0
+    ):
+        return HeadLayout(
+            module=name,
+            projections=(f"{prefix}qkv",),
+            segments=3,
+            style="fused",
+            tables=("relative_position_bias_table",),
+            head_dim=qkv.out_features // (3 * heads),
+        )
     size_attr = next((a for a in ("attention_head_size", "head_dim") if _int_attr(module, a)), None)
     for triple in SEPARATE_PROJECTIONS:
         q, k, v = (_linear(module, n) for n in triple)

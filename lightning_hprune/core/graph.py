@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import fnmatch
+import math
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -23,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 from torch_pruning import ops as tp_ops
+from torch_pruning.dependency import index_mapping as tp_index_mapping
 
 from lightning_hprune.core.attention import find_layouts, protected_modules
 from lightning_hprune.core.optim_state import ParameterSurgery, record_parameter_surgery
@@ -109,6 +111,8 @@ class ChannelGroup:
             layer: residual convolutions, normalisations). Unlike ``name``, which is whichever layer
             torch-pruning picks as root and may change after a block is removed, each of these modules
             keeps its place in the group, so they identify it across structural changes.
+        multiple_of: kept widths are multiples of this (the head counts of the ``nn.MultiheadAttention``
+            layers whose ``embed_dim`` the group is: ``embed_dim % num_heads == 0`` must hold).
 
     """
 
@@ -118,6 +122,7 @@ class ChannelGroup:
     group: Any
     units: tuple[tuple[int, ...], ...] | None = None
     outputs: tuple[str, ...] = ()
+    multiple_of: int = 1
 
     @property
     def align(self) -> int | None:
@@ -133,6 +138,12 @@ class ChannelGroup:
         """``"heads"`` for attention projections pruned in whole heads, else ``"channels"``."""
         return "channels" if self.units is None else "heads"
 
+    def aligned(self, round_to: int) -> int:
+        """Kept widths are multiples of this many units, given the callback's ``round_to`` (in channels)."""
+        if self.align is None:
+            return round_to
+        return self.align if self.kind == "heads" else math.lcm(self.align, round_to)
+
     def unit_scores(self, channel_scores: torch.Tensor) -> torch.Tensor:
         """One score per unit: the mean of its channels' scores (the scores themselves for channel groups)."""
         if self.units is None:
@@ -141,8 +152,8 @@ class ChannelGroup:
         return torch.stack([flat[list(u)].mean() for u in self.units])
 
     def allows(self, width: int) -> bool:
-        """Whether the group may keep ``width`` units (every width, unless a layout restricts them)."""
-        return True
+        """Whether the group may keep ``width`` units (multiples of ``multiple_of``, unless a layout restricts them)."""
+        return width % self.multiple_of == 0
 
     @property
     def kind_key(self) -> str:
@@ -164,7 +175,7 @@ class ChannelGroup:
         dimension; a head saves its attention layer's cost (projections and attention products) plus the
         group's layers outside it, divided by the head count.
         """
-        if self.units is not None:
+        if self.kind == "heads":
             layout = graph.layouts[self.name]
             parent = layout.module
             outside = [m for m in self.modules if parent and m != parent and not m.startswith(parent + ".")]
@@ -244,11 +255,16 @@ class PruningGraph:
             self._protected: dict[str, str] = {}
             #: Groups left out because they would cut through the heads of an unrecognised attention layer.
             self.protected_groups: dict[str, str] = {}
+            #: Groups left out for another reason than attention heads: group name -> why.
+            self.left_alone: dict[str, str] = {}
+            self._unmappable: set[Any] = set()
+            self._failing_roots: dict[int, str] | None = None
             self._grouping_checked = True
             return
         device, dtype = model_device_dtype(self.model)
         inputs = move_to(self.example_inputs, device, dtype)
-        with preserved_modes(self.model), torch.enable_grad():
+        unmappable: set[Any] = set()
+        with preserved_modes(self.model), torch.enable_grad(), _unmappable_reshapes(unmappable):
             try:
                 self._dg = tp.DependencyGraph().build_dependency(
                     self.model, example_inputs=inputs, forward_fn=_forward_fn, verbose=False
@@ -265,6 +281,11 @@ class PruningGraph:
         self.layouts = find_layouts(self.model)
         self._protected = protected_modules(self.model)
         self.protected_groups = {}
+        self.left_alone = {}
+        #: Reshapes whose channel mapping torch-pruning could not work out (a channel shuffle, ...).
+        self._unmappable = unmappable
+        #: Roots whose group torch-pruning failed to map (``id`` -> error); ``None`` until one fails.
+        self._failing_roots = None
         self._grouping_checked = False
 
     # ------------------------------------------------------------------ groups
@@ -288,7 +309,10 @@ class PruningGraph:
         self._groups = None
 
     def _compute_groups(self) -> list[ChannelGroup]:
+        from lightning_hprune.core.conv_groups import GroupedChannelGroup, grouped_units
+
         out: list[ChannelGroup] = []
+        self.left_alone = {}
         with preserved_modes(self.model):
             for group in self._all_groups():
                 if any(self._reaches_output(dep) for dep, _ in group):
@@ -308,6 +332,15 @@ class PruningGraph:
                 if attention is not None:
                     self.protected_groups[name] = attention
                     continue
+                layout = self.layouts.get(name)
+                if layout is None and any(
+                    dep.source in self._unmappable or dep.target in self._unmappable for dep, _ in group
+                ):
+                    self.left_alone[name] = (
+                        "its channels pass through a reshape torch-pruning cannot map (a channel shuffle "
+                        "or a view into more dimensions), so removing them would mix up channels"
+                    )
+                    continue
                 outputs = tuple(
                     dict.fromkeys(
                         self._module2name[dep.target.module]
@@ -324,15 +357,43 @@ class PruningGraph:
                             name=name,
                             size=len(units),
                             modules=modules,
-                            group=group,
+                            group=_without_params(group, layout.table_names()),
                             units=units,
                             outputs=outputs,
                         )
                     )
                     continue
+                grouped = grouped_units(group, self._dg)
+                if isinstance(grouped, str):
+                    self.left_alone[name] = grouped
+                    continue
+                if grouped is not None:
+                    units, per_unit = grouped
+                    out.append(
+                        GroupedChannelGroup(
+                            name=name,
+                            size=len(units),
+                            modules=modules,
+                            group=group,
+                            units=units,
+                            outputs=outputs,
+                            per_unit=per_unit,
+                        )
+                    )
+                    continue
+                heads = [
+                    d.target.module.num_heads
+                    for d, _ in group
+                    if isinstance(d.target.module, nn.MultiheadAttention)
+                ]
                 out.append(
                     ChannelGroup(
-                        name=name, size=len(group[0].idxs), modules=modules, group=group, outputs=outputs
+                        name=name,
+                        size=len(group[0].idxs),
+                        modules=modules,
+                        group=group,
+                        outputs=outputs,
+                        multiple_of=math.lcm(*heads) if heads else 1,
                     )
                 )
         return out
@@ -341,12 +402,12 @@ class PruningGraph:
         """torch-pruning's groups; the first call after a build runs under ``grouping_timeout_s``."""
         ignored = list(self.ignored_layers)
         if self._grouping_checked:
-            return list(self._dg.get_all_groups(ignored_layers=ignored))
+            return self._tp_groups(ignored)
         box: dict[str, Any] = {}
 
         def run() -> None:
             try:
-                box["groups"] = list(self._dg.get_all_groups(ignored_layers=ignored))
+                box["groups"] = self._tp_groups(ignored)
             except BaseException as err:  # re-raised in the calling thread
                 box["error"] = err
 
@@ -364,6 +425,59 @@ class PruningGraph:
             raise box["error"]
         self._grouping_checked = True
         return list(box["groups"])
+
+    def _tp_groups(self, ignored: list[nn.Module]) -> list[Any]:
+        """torch-pruning's groups, root by root when one of them cannot be mapped (see below)."""
+        with _unmappable_reshapes(self._unmappable):
+            if self._failing_roots is None:
+                try:
+                    return list(self._dg.get_all_groups(ignored_layers=ignored))
+                except _MAPPING_ERRORS:
+                    self._failing_roots = {}
+            return self._groups_one_by_one(ignored)
+
+    def _groups_one_by_one(self, ignored: list[nn.Module]) -> list[Any]:
+        """torch-pruning's ``get_all_groups``, leaving alone the roots whose group it cannot map.
+
+        Around a channel shuffle torch-pruning's index mappings can fail for some roots (an index outside a
+        concatenation's offsets); the other groups are still valid.
+        """
+        dg = self._dg
+        ignored = ignored + list(dg.IGNORED_LAYERS_IN_TRACING)
+        visited: set[int] = set()
+        out = []
+        for module in list(dg.module2node.keys()):
+            if module in ignored or not isinstance(module, (tp_ops.TORCH_CONV, tp_ops.TORCH_LINEAR)):
+                continue
+            pruner = dg.get_pruner_of_module(module)
+            if pruner is None or pruner.get_out_channels(module) is None or id(module) in visited:
+                continue
+            name = self._module2name.get(module, type(module).__name__)
+            failed = self._failing_roots.get(id(module)) if self._failing_roots is not None else None
+            if failed is None:
+                try:
+                    group = dg.get_pruning_group(
+                        module, pruner.prune_out_channels, list(range(pruner.get_out_channels(module)))
+                    )
+                except _MAPPING_ERRORS as err:
+                    # pruning other groups does not make it mappable: not tried again until a rebuild
+                    failed = f"{type(err).__name__}: {err}"
+                    if self._failing_roots is not None:
+                        self._failing_roots[id(module)] = failed
+            if failed is not None:
+                self.left_alone[name] = (
+                    f"torch-pruning could not map its channels through the model ({failed})"
+                )
+                continue
+            prunable = True
+            for dep, _ in group:
+                if dg.is_out_channel_pruning_fn(dep.handler):
+                    visited.add(id(dep.target.module))
+                    if dep.target.module in ignored:
+                        prunable = False
+            if prunable:
+                out.append(group)
+        return out
 
     def _cuts_unknown_heads(self, group: Any) -> str | None:
         """The unrecognised attention module whose projections' output width ``group`` changes, if any."""
@@ -401,6 +515,8 @@ class PruningGraph:
             PruningError: the plan is invalid or applying it failed; the model is unchanged.
 
         """
+        from lightning_hprune.core.conv_groups import GroupedChannelGroup
+
         if self.family is not None:
             return self._prune_slots(removals, surgery)
         current = {g.name: g for g in self.groups()}
@@ -424,13 +540,18 @@ class PruningGraph:
                         continue
                     plain = sorted({int(i) for i in idxs})
                     layout = self.layouts.get(name)
-                    if layout is None:
-                        self._prune_root(name, plain)
-                        self.history.append({"op": "channels", "module": name, "idxs": plain})
-                    else:
-                        self._prune_root(name, layout.channels(self.model, plain))
+                    group = current[name]
+                    if layout is not None:
+                        layout.prune_tables(self.model, plain)
+                        self._prune_root(name, layout.channels(self.model, plain), skip=layout.table_names())
                         layout.sync_heads(self.model)
                         self.history.append({"op": "heads", "module": name, "idxs": plain})
+                    elif isinstance(group, GroupedChannelGroup):  # unit j: offset j in every conv group
+                        self._prune_root(name, group.channels(plain))
+                        self.history.append({"op": "channels", "module": name, "idxs": plain})
+                    else:
+                        self._prune_root(name, plain)
+                        self.history.append({"op": "channels", "module": name, "idxs": plain})
         except Exception as err:
             snapshot.restore()
             self.rebuild()
@@ -478,11 +599,12 @@ class PruningGraph:
         self._module2name = {m: n for n, m in self.model.named_modules()}
         return surgery
 
-    def _prune_root(self, name: str, idxs: list[int]) -> None:
+    def _prune_root(self, name: str, idxs: list[int], skip: Sequence[str] = ()) -> None:
         module = self._root(name)
         pruner = self._dg.get_pruner_of_module(module)
-        group = self._dg.get_pruning_group(module, pruner.prune_out_channels, idxs)
-        group.prune(record_history=False)
+        with _unmappable_reshapes(self._unmappable):  # torch-pruning maps the indices again
+            group = self._dg.get_pruning_group(module, pruner.prune_out_channels, idxs)
+        _without_params(group, skip).prune(record_history=False)
 
     def replace_with_identity(self, names: Sequence[str]) -> None:
         """Replace whole modules (blocks, layers) by ``SkippedBlock`` and rebuild the graph, all or nothing."""
@@ -555,6 +677,101 @@ def _forward_fn(model: nn.Module, example_inputs: Any) -> Any:
     # torch-pruning walks the output's tensors; model outputs can also hold caches and other objects
     # (Hugging Face `past_key_values`), which it cannot walk: hand it the tensors only.
     return tensors_in(call_model(model, example_inputs))
+
+
+#: What torch-pruning's index mappings raise when they cannot follow a reshape or concatenation.
+_MAPPING_ERRORS = (ZeroDivisionError, ValueError, IndexError)
+
+
+@contextmanager
+def _unmappable_reshapes(into: set[Any]) -> Iterator[None]:
+    """While tracing, a reshape whose channel mapping torch-pruning fails to infer is recorded, not fatal.
+
+    torch-pruning infers how a ``view`` maps channels from the widths around it; around a channel shuffle
+    (``view`` into ``[groups, channels / groups]``, ``transpose``, ``view`` back: ShuffleNet) the inference
+    divides by zero and the whole trace fails. Such a reshape is recorded in ``into`` and every group
+    whose channels pass through it is left alone.
+    """
+    original = tp_index_mapping.update_reshape_index_mapping
+    decided: set[Any] = set()  # nothing is pruned while the context is open: a node's mapping stays right
+
+    def guarded(graph: Any, node: Any) -> None:
+        if node in decided:
+            return
+        decided.add(node)
+        saved = _saved_mappings(node)
+        try:
+            original(graph, node)
+        except _MAPPING_ERRORS:
+            _restore_mappings(saved)
+            into.add(node)
+            return
+        unchanged = _saved_mappings(node) == saved
+        if unchanged and _changes_channels(graph, node):
+            into.add(node)  # torch-pruning gave up on it (not a 2-D/4-D view) and maps channels 1:1
+        elif not unchanged and len(getattr(node.grad_fn, "_saved_self_sym_sizes", ())) > 4:
+            _restore_mappings(saved)  # a flattening mapping for a view of a 5-D tensor: it supports 2-D/4-D
+            into.add(node)
+
+    # torch-pruning maps indices again in every `get_pruning_group`: the graph opens this around each call.
+    tp_index_mapping.update_reshape_index_mapping = guarded
+    try:
+        yield
+    finally:
+        tp_index_mapping.update_reshape_index_mapping = original
+
+
+def _saved_mappings(node: Any) -> list[tuple[Any, list[Any]]]:
+    """The index mappings on a node's edges (each edge with a copy of its list), to compare and restore."""
+    deps = list(node.dependencies) + [d for n in node.inputs + node.outputs for d in n.dependencies]
+    return [(d, list(d.index_mapping)) for d in deps]
+
+
+def _restore_mappings(saved: list[tuple[Any, list[Any]]]) -> None:
+    for dep, mappings in saved:
+        dep.index_mapping[:] = mappings
+
+
+def _changes_channels(graph: Any, node: Any) -> bool:
+    """Whether the widths torch-pruning infers on both sides of a reshape differ (both known and positive)."""
+    from torch_pruning.dependency import shape_infer
+
+    def first(nodes: list[Any], infer: Any) -> int | None:
+        for n in nodes:
+            try:
+                c = infer(graph, n, [0])
+            except Exception:  # inference is best effort in torch-pruning too
+                c = None
+            if c is not None:
+                return int(c)
+        return None
+
+    out_c = first(node.outputs, shape_infer.infer_in_channels_recursively)
+    in_c = first(node.inputs, shape_infer.infer_out_channels_recursively)
+    return in_c is not None and out_c is not None and in_c > 0 and out_c > 0 and in_c != out_c
+
+
+def _without_params(group: Any, names: Sequence[str]) -> Any:
+    """``group`` without the steps that slice the named unwrapped parameters (head tables, sliced apart).
+
+    Matched by the names torch-pruning recorded when tracing: a table replaced since then is still the
+    same node of its graph.
+    """
+    if not names:
+        return group
+    skip = set(names)
+    to_name = group._DG._param_to_name
+    out = tp.dependency.Group()
+    out._DG = group._DG
+    # the items themselves: torch-pruning keeps each one's `root_idxs` on it
+    out._group = [
+        item
+        for item in group.items
+        if not (
+            item.dep.target.type == tp_ops.OPTYPE.PARAMETER and to_name.get(item.dep.target.module) in skip
+        )
+    ]
+    return out
 
 
 def tensors_in(obj: Any) -> list[torch.Tensor]:

@@ -151,9 +151,7 @@ class SelectionContext:
 
     def align(self, group: ChannelGroup) -> int:
         """Kept widths of ``group`` are multiples of this: ``round_to`` channels (and the group's own step), or 1 head."""
-        if group.align is None:
-            return self.round_to
-        return group.align if group.kind == "heads" else math.lcm(group.align, self.round_to)
+        return group.aligned(self.round_to)
 
     def concrete(self, removals: Mapping[str, Sequence[int]]) -> Removals:
         """What a level's ``{group: units}`` removes, in the graph's terms.
