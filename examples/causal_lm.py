@@ -84,7 +84,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         config["data"]["init_args"].update(train_windows=64, val_windows=32, length=32)
         config["model"]["init_args"].update(length=32, layers=3)
         config["trainer"].update(max_epochs=3, enable_progress_bar=False)
-        config["trainer"]["callbacks"][0]["init_args"].update(start_epoch=0, end_epoch=1, measure_latency=False)
+        config["trainer"]["callbacks"][0]["init_args"].update(
+            start_epoch=0, end_epoch=1, measure_latency=False
+        )
         args.new_tokens = 8
     if args.root:
         config["trainer"]["default_root_dir"] = args.root

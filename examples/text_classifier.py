@@ -102,7 +102,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         config["data"]["init_args"].update(limit=64, val_limit=64, max_length=32)
         config["model"]["init_args"]["max_length"] = 32
         config["trainer"].update(max_epochs=2, limit_train_batches=2, enable_progress_bar=False)
-        config["trainer"]["callbacks"][0]["init_args"].update(start_epoch=1, end_epoch=1, measure_latency=False)
+        config["trainer"]["callbacks"][0]["init_args"].update(
+            start_epoch=1, end_epoch=1, measure_latency=False
+        )
     if args.root:
         config["trainer"]["default_root_dir"] = args.root
         for logger in config["trainer"].get("logger", []):

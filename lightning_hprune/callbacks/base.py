@@ -529,10 +529,10 @@ class PruningCallback(Callback):
             )
         left_alone = getattr(graph, "left_alone", {})
         if left_alone:
-            reasons = sorted(set(left_alone.values()))
+            why = sorted(set(left_alone.values()))
             rank_zero_warn(
                 f"{type(self).__name__}: {len(left_alone)} channel groups (e.g. {sorted(left_alone)[:3]}) are left "
-                f"alone; the rest of the model is pruned. Why: {'; '.join(reasons[:3])}."
+                f"alone; the rest of the model is pruned. Why: {'; '.join(why[:3])}."
             )
 
     @override
