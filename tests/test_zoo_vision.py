@@ -346,3 +346,51 @@ def test_multihead_attention_embedding_width_stays_a_multiple_of_its_heads() -> 
     [stream] = [g for g in graph.groups() if any(m.endswith("self_attn") for m in g.modules)]
     assert stream.multiple_of == 4
     assert [w for w in range(1, 33) if stream.allows(w)] == [4, 8, 12, 16, 20, 24, 28, 32]
+
+
+def _zero_inputs(reference: nn.Module, graph: PruningGraph, group: Any, channels: list[int]) -> bool:
+    """Zero, in ``reference``, the input weights that read ``channels`` of ``group``; False if not exact-able."""
+    names = {m: n for n, m in graph.model.named_modules()}
+    for dep, _ in group.group:
+        if isinstance(dep.target.module, (nn.LayerNorm, nn.GroupNorm)):
+            return False  # statistics over the channels: removing one is not zeroing it
+    for dep, idxs in group.group:
+        module = dep.target.module
+        if graph._dg.is_out_channel_pruning_fn(dep.handler) or not isinstance(module, (nn.Linear, nn.Conv2d)):
+            continue
+        weight = reference.get_submodule(names[module]).weight
+        cols = [idxs[c] for c in channels]
+        if isinstance(module, nn.Conv2d) and module.groups > 1:
+            if module.groups == module.out_channels:
+                continue  # depthwise: its input channel is its output channel, removed with it
+            per_in, per_out = module.in_channels // module.groups, module.out_channels // module.groups
+            for c in cols:
+                block = c // per_in
+                weight.data[block * per_out : (block + 1) * per_out, c % per_in] = 0
+        else:
+            weight.data[:, cols] = 0
+    return True
+
+
+@pytest.mark.parametrize("name", ["resnext", "regnet_y", "timm_regnet", "mobilevit", "shufflenet_v2"])
+def test_removing_a_unit_of_every_group_equals_zeroing_what_reads_it(name: str) -> None:
+    """torch-pruning's channel mappings are right: pruning unit 0 of every channel group at once equals
+    the dense model with the weights that read those channels zeroed (grouped convolutions included)."""
+    import copy
+
+    torch.manual_seed(0)
+    model = BY_NAME[name].build().eval()
+    reference = copy.deepcopy(model)
+    x = torch.randn(2, *BY_NAME[name].shape)
+    graph = PruningGraph(model, x[:1])
+    plan = {}
+    for g in graph.groups():
+        if g.kind == "heads" or g.size < 2:
+            continue
+        channels = list(g.units[0]) if g.units is not None else [0]
+        if _zero_inputs(reference, graph, g, channels):
+            plan[g.name] = [0]
+    assert len(plan) >= 5
+    graph.prune(plan)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), rtol=1e-4, atol=1e-4)
