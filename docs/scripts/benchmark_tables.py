@@ -28,7 +28,8 @@ Every table here is generated from the JSON a benchmark script wrote (`benchmark
 command that reproduces it. They were measured on the shared 2-core development machine (CPU only); the
 accuracies are mean ± standard deviation over the seeds, and one validation image of the digits is 0.28
 points, so differences of one or two images are noise. More context: `benchmarks/README.md`. GPU latency
-(NVIDIA H200) is in `benchmarks/results/latency_h200.md` and the README.
+(NVIDIA H200) is in `benchmarks/results/latency_h200.md` and the README. What the callback itself costs, and
+`cost="latency"` against `cost="macs"`: [Overhead and the latency cost](overhead.md).
 """
 
 
