@@ -15,11 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lightning_hprune.cli import build_cli  # noqa: E402
+from lightning_hprune.core.measure import LatencyMeasurement, compare_latency  # noqa: E402
 from lightning_hprune.examples.causal_lm import ByteLlama  # noqa: E402
 from lightning_hprune.hf import save_pretrained  # noqa: E402
 
@@ -46,29 +45,21 @@ print(json.dumps({"tokens": out[0].tolist(), "imported": "lightning_hprune" in s
 
 
 def throughput(
-    models: dict[str, torch.nn.Module], batch: int = 32, length: int = 128, rounds: int = 10
+    dense: torch.nn.Module, pruned: torch.nn.Module, settings: LatencyMeasurement, length: int = 128
 ) -> dict:
-    """Forward tokens per second of each model, measured in turns (median and interquartile range)."""
-    ids = torch.randint(0, 256, (batch, length))
-    times: dict[str, list[float]] = {k: [] for k in models}
-    with torch.no_grad():
-        for m in models.values():
-            m.eval()
-            m(ids)
-        for _ in range(rounds):
-            for name, m in models.items():
-                start = time.perf_counter()
-                m(ids)
-                times[name].append(time.perf_counter() - start)
-    out = {}
-    for name, t in times.items():
-        q = statistics.quantiles(t, n=4)
-        med = statistics.median(t)
-        out[name] = {
-            "tokens_per_s": batch * length / med,
-            "iqr_tokens_per_s": batch * length / q[0] - batch * length / q[2],
+    """Forward tokens per second of both models at ``settings.batch_size`` x ``length``, timed in alternating rounds.
+
+    Median and interquartile range of each model's tokens per second, from :func:`compare_latency`'s quartiles.
+    """
+    cmp = compare_latency(dense, pruned, torch.randint(0, 256, (1, length)), settings)
+    tokens = settings.batch_size * length
+    return {
+        name: {
+            "tokens_per_s": tokens / (stats.median_ms / 1e3),
+            "iqr_tokens_per_s": tokens / (stats.q1_ms / 1e3) - tokens / (stats.q3_ms / 1e3),
         }
-    return out
+        for name, stats in (("dense", cmp.dense), ("pruned", cmp.pruned))
+    }
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -104,8 +95,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     dense = ByteLlama(
         **{k: v for k, v in model.hparams.items() if k in ByteLlama.__init__.__code__.co_varnames}
     )
-    shape = {"batch": 4, "length": 32, "rounds": 2} if args.fast else {}
-    speed = throughput({"dense": dense, "pruned": model}, **shape)
+    if args.fast:
+        speed = throughput(
+            dense, model, LatencyMeasurement(batch_size=4, warmup=1, rounds=2, repeats=1), length=32
+        )
+    else:
+        speed = throughput(
+            dense, model, LatencyMeasurement(batch_size=32, warmup=1, rounds=10, repeats=1, budget_s=300.0)
+        )
     result: dict[str, Any] = {
         "val_ppl": {"before": summary["before"]["val_ppl"], "after": summary["after"]["val_ppl"]},
         "params": {"before": summary["before"]["params"], "after": summary["after"]["params"]},

@@ -19,11 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lightning_hprune.cli import build_cli  # noqa: E402
+from lightning_hprune.core.measure import LatencyMeasurement, compare_latency  # noqa: E402
 from lightning_hprune.examples.text import MiniLMClassifier  # noqa: E402
 from lightning_hprune.hf import save_pretrained  # noqa: E402
 
@@ -47,26 +46,12 @@ print(json.dumps({"pred": logits.argmax(-1).tolist(), "imported": "lightning_hpr
 """
 
 
-def latency(models: dict[str, torch.nn.Module], batch: int = 32, length: int = 128, rounds: int = 12) -> dict:
-    """Median and interquartile range of a forward pass of each model, measured in turns (ms)."""
-    ids = torch.randint(1000, 2000, (batch, length))
-    mask = torch.ones_like(ids)
-    times: dict[str, list[float]] = {k: [] for k in models}
-    with torch.no_grad():
-        for m in models.values():
-            m.eval()
-            for _ in range(2):
-                m(ids, mask)  # warm-up
-        for _ in range(rounds):
-            for name, m in models.items():
-                start = time.perf_counter()
-                m(ids, mask)
-                times[name].append((time.perf_counter() - start) * 1e3)
-    out = {}
-    for name, t in times.items():
-        q = statistics.quantiles(t, n=4)
-        out[name] = {"median_ms": statistics.median(t), "iqr_ms": q[2] - q[0]}
-    return out
+def latency(
+    dense: torch.nn.Module, pruned: torch.nn.Module, settings: LatencyMeasurement, length: int = 128
+) -> dict:
+    """Forward latency of both models at ``settings.batch_size`` x ``length`` tokens, timed in alternating rounds (ms)."""
+    ids = torch.randint(1000, 2000, (1, length))
+    return compare_latency(dense, pruned, (ids, torch.ones_like(ids)), settings).as_dict()
 
 
 def encoder_params(model: MiniLMClassifier) -> int:
@@ -126,8 +111,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     pruning = next(c for c in trainer.callbacks if hasattr(c, "session"))
     summary = pruning.summary
     dense = MiniLMClassifier(max_length=model.hparams["max_length"])  # the dense architecture, for timing
-    shape = {"batch": 4, "length": 32, "rounds": 2} if args.fast else {}
-    timing = latency({"dense": dense, "pruned": model}, **shape)
+    if args.fast:
+        timing = latency(
+            dense, model, LatencyMeasurement(batch_size=4, warmup=1, rounds=2, repeats=1), length=32
+        )
+    else:
+        timing = latency(
+            dense, model, LatencyMeasurement(batch_size=32, rounds=12, repeats=1, budget_s=300.0)
+        )
     before_acc, after_acc = summary["before"]["val_acc"], summary["after"]["val_acc"]
     result: dict[str, Any] = {
         "dense_fine_tuned_val_acc": dense_acc,
