@@ -24,7 +24,6 @@ import json
 import math
 import os
 import statistics
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -34,6 +33,7 @@ import torch.nn as nn
 from lightning_hprune.core.cost import Cost
 from lightning_hprune.core.cuts import Cut
 from lightning_hprune.core.graph import call_model
+from lightning_hprune.core.measure import measure_latency
 
 #: The layer types a latency table is built for.
 TIMED_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -274,7 +274,7 @@ class LatencyCost(Cost):
         batch = self.batch_size or 32
         if isinstance(module, nn.Linear):
             layer: nn.Module = nn.Linear(c_in, c_out, bias=module.bias is not None)
-            x = torch.randn(batch, *shape[1:-1], c_in, device=device, dtype=dtype)
+            x = torch.randn(1, *shape[1:-1], c_in, device=device, dtype=dtype)
         else:
             assert isinstance(module, nn.modules.conv._ConvNd)
             groups = c_in if module.groups > 1 else 1
@@ -289,20 +289,10 @@ class LatencyCost(Cost):
                 groups=groups,
                 bias=module.bias is not None,
             )
-            x = torch.randn(batch, c_in, *shape[2:], device=device, dtype=dtype)
-        layer = layer.to(device=device, dtype=dtype).eval()
-        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        times = []
-        with torch.no_grad():
-            for i in range(self.warmup + self.repeats):
-                sync()
-                start = time.perf_counter()
-                layer(x)
-                sync()
-                if i >= self.warmup:
-                    times.append((time.perf_counter() - start) * 1e3)
+            x = torch.randn(1, c_in, *shape[2:], device=device, dtype=dtype)
+        layer = layer.to(device=device, dtype=dtype)
         self.timings += 1
-        return statistics.median(times)
+        return measure_latency(layer, x, batch_size=batch, warmup=self.warmup, repeats=self.repeats)
 
     def _grid(self, widths: Sequence[int]) -> list[int]:
         """The fractions of the widest layer, and every layer's own width (so dense costs are measured)."""
