@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 
 from lightning_hprune import HierarchicalPruning, load_pruned
 from lightning_hprune.core.families import TransformerFamily, detect
-from lightning_hprune.core.families.pretrained import config_mismatches
+from lightning_hprune.core.families.pretrained import PerLayerWidthsError, config_mismatches
 from lightning_hprune.hf import save_pretrained
 from tests.zoo import BY_NAME as FAMILY_BY_NAME
 from tests.zoo import IMAGE, logits
@@ -77,6 +77,9 @@ class HFCase:
     removed: frozenset[str]  # kinds of unit that must go: "layers", "heads", "ffn", "hidden"
     protected: frozenset[str] = field(default_factory=frozenset)  # kinds the layout protects, with a reason
     known: bool = True  # a known layout (families): config kept true, save_pretrained round trip
+    #: False: the target is more than the layout lets the default hierarchy remove; every prunable kind ends
+    #: at its limit, below the target, and the callback warns
+    reached: bool = True
 
     @property
     def name(self) -> str:
@@ -125,19 +128,22 @@ CASES = [
     _case("t5-encoder", 0.5, "params", {"num_heads": 8, "d_kv": 6}),
     _case(
         "bart-cls",
-        0.5,
+        0.4,
         "macs",
         removed=frozenset({"layers", "ffn"}),
         protected=frozenset({"heads", "hidden"}),
+        reached=False,  # the decoder (about half the MACs) is not pruned: the encoder's FFN ends at its floor
     ),
     # decoders
-    _case("llama", 0.5, "params"),
+    # Llama: head counts stay divisors of the current one (LlamaConfig's hidden_size % heads == 0), so a step
+    # halves the heads, more than this target's share of them: they stay
+    _case("llama", 0.5, "params", removed=frozenset({"layers", "ffn", "hidden"})),
     _case("qwen2", 0.5, "macs"),
     _case("qwen3", 0.5, "params"),
     _case("mistral", 0.5, "macs"),
     _case("phi3", 0.5, "params"),
     _case("gpt2", 0.5, "macs", {"n_head": 8}),
-    _case("llama-cls", 0.5, "params"),
+    _case("llama-cls", 0.5, "params", removed=frozenset({"layers", "ffn", "hidden"})),
     _case("qwen2-cls", 0.5, "macs"),
     _case("gpt2-cls", 0.5, "params", {"n_head": 8}),
 ]
@@ -230,6 +236,7 @@ class Fitted:
     outputs: torch.Tensor  # eval-mode outputs right after the fit, on the probe inputs
     probe: dict[str, torch.Tensor]
     seconds: float
+    warnings: list[str]
 
 
 def _fit(case: HFCase, root: Path) -> Fitted:
@@ -257,8 +264,8 @@ def _fit(case: HFCase, root: Path) -> Fitted:
         default_root_dir=str(root),
     )
     start = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         trainer.fit(module, DataLoader(data, batch_size=BATCH))
     seconds = time.perf_counter() - start
     assert trainer.state.finished
@@ -267,7 +274,7 @@ def _fit(case: HFCase, root: Path) -> Fitted:
     module.eval()
     with torch.no_grad():
         outputs = module(**probe)
-    return Fitted(module, cb, dense, checkpoint, outputs, probe, seconds)
+    return Fitted(module, cb, dense, checkpoint, outputs, probe, seconds, [str(w.message) for w in caught])
 
 
 @pytest.fixture(scope="module")
@@ -295,7 +302,12 @@ def test_hf_model_prunes_in_a_fit_keeps_its_config_trains_and_reloads(
     # pruned to the target, in the requested cost
     assert _params(hf) < _params(dense)
     achieved = cb.summary["achieved"]
-    assert abs(achieved - case.target) <= 0.03, (case.name, achieved)
+    short = [w for w in run.warnings if "more than 2 points from the target" in w]
+    if case.reached:
+        assert case.target - 0.002 <= achieved <= case.target + 0.03, (case.name, achieved)
+    else:
+        assert achieved < case.target - 0.02, (case.name, achieved)
+        assert short, run.warnings  # and the callback says so
     ops = {h["op"] for h in cb.history_steps()}
     assert cb.session.graph is not None
     protected = cb.session.graph.protected_groups
@@ -318,6 +330,8 @@ def test_hf_model_prunes_in_a_fit_keeps_its_config_trains_and_reloads(
         for kind in ("heads", "kv", "ffn", "head_dim"):
             assert len(now[kind]) == 1, (kind, now)  # uniform widths: one value per kind for every layer
         assert now["head_dim"] == before["head_dim"]  # heads are never cut through
+        if not case.reached:  # every prunable kind at its limit: FFN at the 80 % floor, a layer gone
+            assert max(now["ffn"]) <= math.ceil(0.2 * max(before["ffn"])), now
         [heads], [kv] = now["heads"], now["kv"]
         assert heads % kv == 0  # query heads stay grouped by key/value head
         # the config describes the modules: the library's own check, and a model built from the config alone
@@ -331,6 +345,10 @@ def test_hf_model_prunes_in_a_fit_keeps_its_config_trains_and_reloads(
         cfg = hf.config
         assert cfg.num_attention_heads == heads
         assert cfg.hidden_size == now["hidden"]
+        family = detect(hf)
+        assert isinstance(family, TransformerFamily)
+        if family.layout.kv_key:
+            assert getattr(cfg, family.layout.kv_key) == kv
         indices = [m.layer_idx for m in hf.modules() if isinstance(m.__dict__.get("layer_idx"), int)]
         if indices:  # renumbered for key/value caches
             assert sorted(set(indices)) == list(range(now["layers"]))
@@ -343,7 +361,10 @@ def test_hf_model_prunes_in_a_fit_keeps_its_config_trains_and_reloads(
                 assert now_shapes[n] == p.shape
             if any(k in n for k in (".query.", ".key.", ".value.")):
                 assert now_shapes[n][0] == p.shape[0]
-        assert any(now_shapes[n] != p.shape for n, p in dense.named_parameters() if "intermediate" in n)
+        assert any(now_shapes[n] != p.shape for n, p in dense.named_parameters() if ".mlp.fc1." in n)
+        # its config cannot describe the pruned MLP widths: saving for plain from_pretrained is refused
+        with pytest.raises(PerLayerWidthsError, match=r"mlp\.fc1\.weight is .* but the config builds"):
+            save_pretrained(module, run.checkpoint.parent / "hf")
 
     # output shape kept; training continues with finite losses and gradients
     with torch.no_grad():
@@ -361,8 +382,8 @@ def test_hf_model_prunes_in_a_fit_keeps_its_config_trains_and_reloads(
     if case.model.causal:
         ids = run.probe["input_ids"][:1, :4]
         with torch.no_grad():
-            cached = hf.generate(ids, max_new_tokens=4, do_sample=False, use_cache=True)
-            uncached = hf.generate(ids, max_new_tokens=4, do_sample=False, use_cache=False)
+            cached = hf.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, use_cache=True)
+            uncached = hf.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, use_cache=False)
         assert cached.shape == (1, 8)
         assert cached.tolist() == uncached.tolist()
 
@@ -374,3 +395,95 @@ def test_hf_model_prunes_in_a_fit_keeps_its_config_trains_and_reloads(
     opt.step()
     assert torch.isfinite(loss)
     assert all(torch.isfinite(p.grad).all() for p in trained.parameters() if p.grad is not None)
+
+
+RELOAD = """
+import json, sys, torch, warnings, transformers
+warnings.filterwarnings("ignore")
+root = sys.argv[1]
+out = {}
+for name, case in json.load(open(root + "/cases.json")).items():
+    model = getattr(transformers, case["auto"]).from_pretrained(root + "/" + name).eval()
+    ref = torch.load(root + "/" + name + "/reference.pt")
+    with torch.no_grad():
+        res = model(**ref["inputs"])
+        got = res.logits if getattr(res, "logits", None) is not None else res[0]
+        gen = None
+        if case["generated"] is not None:
+            ids = ref["inputs"]["input_ids"][:1, :4]
+            gen = model.generate(ids, max_new_tokens=4, do_sample=False).tolist()
+    out[name] = {"diff": float((got - ref["outputs"]).abs().max()), "shape": list(got.shape),
+                 "generated": gen, "class": type(model).__name__}
+out["hprune imported"] = any(m.split(".")[0] == "lightning_hprune" for m in sys.modules)
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.fit
+def test_fitted_models_reload_with_plain_from_pretrained_in_one_fresh_process(
+    fitted: Callable[[str], Fitted], tmp_path: Path
+) -> None:
+    """Every known layout of the zoo, pruned in its fit with the default ``uniform_widths=True``, saved with
+    ``hf.save_pretrained`` and reloaded by plain transformers in one process that never imports the library."""
+    expected = {}
+    for case in CASES:
+        if not case.known:
+            continue
+        run = fitted(case.name)
+        hf = run.module.net
+        directory = tmp_path / case.name
+        save_pretrained(run.module, directory)
+        torch.save({"inputs": run.probe, "outputs": run.outputs}, directory / "reference.pt")
+        generated = None
+        if case.model.causal:
+            with torch.no_grad():
+                ids = run.probe["input_ids"][:1, :4]
+                generated = hf.generate(ids, max_new_tokens=4, do_sample=False).tolist()
+        expected[case.name] = {"auto": case.model.auto, "generated": generated, "class": type(hf).__name__}
+    (tmp_path / "cases.json").write_text(json.dumps(expected))
+    proc = subprocess.run(
+        [sys.executable, "-c", RELOAD, str(tmp_path)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert results.pop("hprune imported") is False  # plain transformers: the library was never imported
+    assert set(results) == set(expected)
+    for name, r in results.items():
+        assert r["class"] == expected[name]["class"], name
+        assert r["shape"] == list(fitted(name).outputs.shape), name
+        assert r["diff"] <= 1e-5, (name, r["diff"])
+        assert r["generated"] == expected[name]["generated"], name
+
+
+# ---------------------------------------------------------------------- regressions found here (no Trainer)
+@pytest.mark.parametrize("name", ["qwen2", "phi3"])
+def test_query_heads_of_every_key_value_group_replay_together(name: str) -> None:
+    """The query heads of all key/value groups are cut in one call (a layer's groups must keep equal sizes);
+    the history replays them in one call too. One at a time, the second group's slot was read from the
+    half-pruned layer (7 heads / 2 groups = 3 per group) and ``load_pruned`` failed with "units [3] outside
+    [0, 3)"."""
+    from lightning_hprune.core.graph import PruningGraph
+
+    case = FAMILY_BY_NAME[name]
+    torch.manual_seed(0)
+    model = case.build().eval()
+    graph = PruningGraph(model, case.inputs(batch=1))
+    assert graph.family is not None
+    slots = graph.family.slots(model)
+    plan = {n: [slots[n].size - 1] for n in slots if ":heads:" in n}  # the last query head of every group
+    assert len(plan) == 2 * len(model.model.layers)
+    graph.prune(plan)
+    assert {h.get("batch") for h in graph.history} == {len(plan)}
+    fresh = case.build().eval()
+    PruningGraph(fresh, case.inputs(batch=1)).replay(graph.history)
+    assert {n: p.shape for n, p in fresh.named_parameters()} == {
+        n: p.shape for n, p in model.named_parameters()
+    }
+    assert fresh.config.num_attention_heads == model.config.num_attention_heads == 6
+    fresh.load_state_dict(model.state_dict())
+    x = case.inputs()
+    torch.testing.assert_close(logits(fresh, x), logits(model, x))
