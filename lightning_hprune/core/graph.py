@@ -589,8 +589,10 @@ class PruningGraph:
                 self.family.prune(self.model, plain)
                 for name, units in plain.items():
                     step: dict[str, Any] = {"op": "channels", "module": name, "idxs": units}
-                    if len(plain) > 1:  # slots cut at once (the query heads of every key/value group):
-                        step["batch"] = len(plain)  # replayed at once, as one layer's slots depend on each other
+                    # slots cut at once (the query heads of every key/value group) replay at once: one
+                    # layer's slots are read from its current widths, which a partial replay leaves unequal
+                    if len(plain) > 1:
+                        step["batch"] = len(plain)
                     self.history.append(step)
         except Exception as err:
             snapshot.restore()

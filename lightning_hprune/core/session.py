@@ -84,8 +84,7 @@ class Calibration:
         self.batches: list[Any] = []
 
     def add(self, x: Any) -> None:
-        """Keep ``x`` (a tensor, or a tuple or dict of them; detached, on the CPU), dropping the oldest beyond
-        ``size``."""
+        """Keep ``x`` (a tensor, or a tuple or dict of them: detached, on the CPU), dropping the oldest."""
         if self.size <= 0:
             return
         self.batches.append(_detached_cpu(x))
