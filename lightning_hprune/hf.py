@@ -12,9 +12,12 @@ With ``uniform_widths=False`` layers get their own widths, which one config valu
 
 from __future__ import annotations
 
+import copy
 import os
+import warnings
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from lightning_hprune.core.families.pretrained import (
@@ -24,7 +27,33 @@ from lightning_hprune.core.families.pretrained import (
     refusal,
 )
 
-__all__ = ["PerLayerWidthsError", "config_mismatches", "find_pretrained", "save_pretrained"]
+__all__ = [
+    "PerLayerWidthsError",
+    "config_mismatches",
+    "find_pretrained",
+    "save_pretrained",
+    "shape_mismatches",
+]
+
+
+def shape_mismatches(hf: nn.Module, limit: int = 3) -> list[str]:
+    """Parameters whose shapes differ from those of a model built from ``hf.config`` (on the meta device).
+
+    What plain ``from_pretrained`` would refuse (a size mismatch), for any Hugging Face model: the known
+    layouts keep their config true, a model pruned through torch-pruning's graph (no known layout) does not.
+    """
+    with warnings.catch_warnings(), torch.device("meta"):
+        warnings.simplefilter("ignore")
+        fresh = type(hf)(copy.deepcopy(hf.config))
+    want = {n: tuple(t.shape) for n, t in fresh.state_dict().items()}
+    differ = [
+        f"{n} is {tuple(t.shape)} but the config builds {want[n]}"
+        for n, t in hf.state_dict().items()
+        if n in want and tuple(t.shape) != want[n]
+    ]
+    if len(differ) > limit:
+        differ = [*differ[:limit], f"{len(differ) - limit} more"]
+    return differ
 
 
 def save_pretrained(model: nn.Module, path: str | os.PathLike[str], **kwargs: Any) -> str:
@@ -40,11 +69,13 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike[str], **kwargs: An
 
     Raises:
         PerLayerWidthsError: the layers have different widths (``uniform_widths=False``), or the config does
-            not describe the modules; the message says what differs and what to use instead.
+            not describe the modules (also for models of no known layout, pruned through torch-pruning's
+            graph, such as Swin: a model built from the config would have other parameter shapes); the
+            message says what differs and what to use instead.
 
     """
     _, hf = find_pretrained(model)
-    problems = config_mismatches(hf)
+    problems = config_mismatches(hf) or shape_mismatches(hf)
     if problems:
         raise PerLayerWidthsError(refusal(type(hf).__name__, problems))
     type(hf).save_pretrained(hf, os.fspath(path), **kwargs)  # type: ignore[attr-defined]

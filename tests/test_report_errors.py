@@ -74,3 +74,55 @@ def test_load_from_checkpoint_of_a_pruned_model_points_at_load_pruned(tmp_path):
     assert "restore_structure" in hint
     with pytest.raises(RuntimeError, match="size mismatch"):
         TinyCNN.load_from_checkpoint(path)  # what the hint (and docs/faq.md) is for
+
+
+class TwoInputs(TinyCNN):
+    """``forward`` needs two inputs, keyword-only or positional, as ``example_input_array`` says."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__(set_example_input=False)
+        self.form = form
+        x, scale = torch.zeros(1, 3, 8, 8), torch.ones(1, 1, 1, 1)
+        self.example_input_array = {"x": x, "scale": scale} if form == "dict" else (x, scale)
+
+    def forward(self, *args, **kwargs):
+        if self.form == "dict":
+            assert not args, "called positionally"  # what calibration did: forward(batch["x"])
+            x, scale = kwargs["x"], kwargs["scale"]
+        else:
+            x, scale = args  # calibration did forward(batch[0]): "not enough values to unpack"
+        return super().forward(x * scale)
+
+    def training_step(self, batch, batch_idx):
+        if self.form == "dict":
+            return F.cross_entropy(self(x=batch["x"], scale=batch["scale"]), batch["label"])
+        x, scale, label = batch
+        return F.cross_entropy(self(x, scale), label)
+
+
+@pytest.mark.parametrize("form", ["dict", "tuple"])
+def test_calibration_batches_reach_forward_as_the_example_input_does(form, tmp_path):
+    """Block scores and activation criteria run the kept training batches through the model: they are kept in
+    the example input's form (keyword arguments, positional arguments), not as the one tensor the example-input
+    rule takes from a batch."""
+    samples = [(torch.randn(3, 8, 8), torch.ones(1, 1, 1), i % 4) for i in range(8)]
+    if form == "dict":
+        samples = [{"x": x, "scale": s, "label": y} for x, s, y in samples]
+    cb = HierarchicalPruning(target=0.3, importance="activation", start_epoch=0, end_epoch=0, verbose=False)
+    t = trainer(tmp_path, [cb], max_epochs=1)
+    t.fit(TwoInputs(form), DataLoader(samples, batch_size=4))
+    assert cb.event_index == 1
+
+
+def test_a_batch_of_another_form_than_the_example_input_is_not_kept_for_calibration():
+    from lightning_hprune.callbacks.inputs import calibration_from_batch
+
+    x, m = torch.zeros(4, 6, dtype=torch.long), torch.ones(4, 6, dtype=torch.long)
+    example = {"input_ids": x[:1], "attention_mask": m[:1]}
+    batch = {"input_ids": x, "attention_mask": m, "labels": x}
+    assert calibration_from_batch(batch, example).keys() == {"input_ids", "attention_mask"}
+    assert calibration_from_batch((x, m), example) is None  # keys unknown: the example input is used
+    assert calibration_from_batch((x, m, x[:, 0]), (x[:1], m[:1])) == (x, m)
+    assert calibration_from_batch((x, x[:, 0]), (x[:1], m[:1])) is None  # a label, not a second input
+    assert calibration_from_batch(batch, ({"input_ids": x[:1]},)) == ({"input_ids": x},)
+    assert calibration_from_batch((x, m), x[:1]) is x  # a tensor example: the documented rule

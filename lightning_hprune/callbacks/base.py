@@ -29,6 +29,7 @@ from lightning_hprune.callbacks.checks import dict_example_error, monitor_error
 from lightning_hprune.callbacks.distillation import Distiller
 from lightning_hprune.callbacks.inputs import (
     batch_size_of,
+    calibration_from_batch,
     example_from_batch,
     first_sample,
     model_input_from_batch,
@@ -548,7 +549,9 @@ class PruningCallback(Callback):
             if size is not None:
                 cost.observe_batch(size)  # the latency tables are timed at the training batch size
         if self.session.collects(trainer.current_epoch):
-            x = model_input_from_batch(batch)
+            # in the form the model is called with (a bare tensor would reach a keyword-only forward
+            # positionally); a batch of another form is not kept, and the example input is used instead
+            x = calibration_from_batch(batch, self.session.example_input)
             if x is not None:
                 self.session.calibration.add(x)
 

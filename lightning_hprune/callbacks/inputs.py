@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -28,6 +29,44 @@ def example_from_batch(batch: Any) -> Any:
     """The first sample of the batch's model input (see :func:`model_input_from_batch`), on the CPU."""
     x = model_input_from_batch(batch)
     return None if x is None else x[:1].detach().cpu().clone()
+
+
+def calibration_from_batch(batch: Any, example: Any) -> Any:
+    """The model input of a training batch in the form the model is called with: that of the example input.
+
+    Calibration inputs (block scores, activation criteria) are passed to the model as the example input is
+    (a tensor positionally, a tuple as positional arguments, a dict as keyword arguments), so they must have
+    its form:
+
+    * a tensor example input (or none yet): the documented rule, :func:`model_input_from_batch`;
+    * a dict of keyword arguments: those keys of a dict batch;
+    * a tuple of positional arguments: the first ``len(example)`` elements of a tuple/list batch, when they
+      are tensors of the example's dtypes and numbers of dimensions; a 1-tuple holding a dict (``forward``
+      takes the dict whole): that dict's keys of a dict batch, as a 1-tuple.
+
+    Returns ``None`` when the batch does not have the example input's form (the levels and criteria then use
+    the example input itself).
+    """
+    if example is None or isinstance(example, torch.Tensor):
+        return model_input_from_batch(batch)
+    if isinstance(example, Mapping):
+        if isinstance(batch, Mapping) and example and all(k in batch for k in example):
+            return {k: batch[k] for k in example}
+        return None
+    if isinstance(example, tuple) and example:
+        if len(example) == 1 and isinstance(example[0], Mapping):
+            inner = calibration_from_batch(batch, example[0])
+            return None if inner is None else (inner,)
+        if not isinstance(batch, (tuple, list)) or len(batch) < len(example):
+            return None
+        args = tuple(batch[: len(example)])
+        for got, want in zip(args, example, strict=True):
+            if isinstance(want, torch.Tensor) != isinstance(got, torch.Tensor):
+                return None
+            if isinstance(want, torch.Tensor) and (got.dtype != want.dtype or got.dim() != want.dim()):
+                return None
+        return args
+    return None
 
 
 def first_sample(example: Any) -> Any:

@@ -588,7 +588,12 @@ class PruningGraph:
             with record_parameter_surgery(surgery) as surgery:
                 self.family.prune(self.model, plain)
                 for name, units in plain.items():
-                    self.history.append({"op": "channels", "module": name, "idxs": units})
+                    step: dict[str, Any] = {"op": "channels", "module": name, "idxs": units}
+                    # slots cut at once (the query heads of every key/value group) replay at once: one
+                    # layer's slots are read from its current widths, which a partial replay leaves unequal
+                    if len(plain) > 1:
+                        step["batch"] = len(plain)
+                    self.history.append(step)
         except Exception as err:
             snapshot.restore()
             self.rebuild()
@@ -654,10 +659,15 @@ class PruningGraph:
 
     def replay(self, history: Sequence[Mapping[str, Any]]) -> None:
         """Re-apply a recorded pruning history to an unpruned model of the same architecture."""
-        for step in history:
+        i = 0
+        while i < len(history):
+            step = history[i]
             op = step.get("op")
+            # a known layout's slots pruned at once: the next `batch` steps, applied in one call again
+            together = list(history[i : i + int(step.get("batch", 1))]) if op == "channels" else [step]
+            i += max(len(together), 1)
             if op in ("channels", "heads"):
-                self.prune({str(step["module"]): [int(i) for i in step["idxs"]]})
+                self.prune({str(s["module"]): [int(u) for u in s["idxs"]] for s in together})
             elif op in ("identity", "remove_layer"):
                 self.replace_with_identity([str(step["module"])])
             else:

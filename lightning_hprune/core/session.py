@@ -62,6 +62,16 @@ from lightning_hprune.core.validation import check_choice, check_fraction, check
 STATE_VERSION = 2
 
 
+def _detached_cpu(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu()
+    if isinstance(x, Mapping):
+        return {k: _detached_cpu(v) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(_detached_cpu(v) for v in x)
+    return x
+
+
 class Calibration:
     """The model inputs of the last few training batches of an event epoch, kept on the CPU.
 
@@ -73,11 +83,11 @@ class Calibration:
         self.size = size
         self.batches: list[Any] = []
 
-    def add(self, x: torch.Tensor) -> None:
-        """Keep ``x`` (detached, on the CPU), dropping the oldest beyond ``size``."""
+    def add(self, x: Any) -> None:
+        """Keep ``x`` (a tensor, or a tuple or dict of them: detached, on the CPU), dropping the oldest."""
         if self.size <= 0:
             return
-        self.batches.append(x.detach().cpu())
+        self.batches.append(_detached_cpu(x))
         del self.batches[: -self.size]
 
     def clear(self) -> None:
