@@ -284,7 +284,7 @@ LM_ARCH: dict[str, int] = {
     "ffn": 512,
 }
 #: Its data (:func:`lm_data`): 128 steps of 16 windows of 64 bytes an epoch; 256 validation windows.
-LM_DATA: dict[str, Any] = {"length": 64, "batch_size": 16, "train_windows": 2048, "val_windows": 256}
+LM_DATA: dict[str, Any] = {"length": 64, "batch_size": 16, "train_windows": 1536, "val_windows": 256}
 #: The smoke version (``--quick``): 2 layers of width 64 on the ``asyncio`` package's source, 4 steps an epoch.
 LM_ARCH_QUICK: dict[str, int] = {
     "hidden_size": 64,
@@ -351,7 +351,8 @@ def docstring_data(
 
         dm = DocstringDataModule(max_length=max_length, limit=limit, val_limit=val_limit)
         dm.setup()
-        assert dm.train_set is not None and dm.val_set is not None
+        assert dm.train_set is not None
+        assert dm.val_set is not None
         _DOCSTRINGS[key] = (dm.train_set, dm.val_set)
     train, val = _DOCSTRINGS[key]
     order = torch.Generator().manual_seed(seed)
