@@ -235,7 +235,10 @@ def test_nice_ticks_are_round_and_cover_the_range() -> None:
     assert ticks == pytest.approx([1000.0, 1200.0, 1400.0])
     assert decimals == 0
     ticks, decimals = svg_mod.nice_ticks(0.0, 0.11)
-    assert ticks == pytest.approx([0.0, 0.025, 0.05, 0.075, 0.1])
+    assert ticks == pytest.approx([0.0, 0.02, 0.04, 0.06, 0.08, 0.1])
+    assert decimals == 2
+    ticks, decimals = svg_mod.nice_ticks(0.0, 0.16)
+    assert ticks == pytest.approx([0.0, 0.025, 0.05, 0.075, 0.1, 0.125, 0.15])
     assert decimals == 3
     assert svg_mod.viridis(0.0) == "#440154"
     assert svg_mod.viridis(1.0) == "#fde725"

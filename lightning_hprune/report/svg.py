@@ -93,8 +93,6 @@ def nice_ticks(lo: float, hi: float, n: int = 7) -> tuple[list[float], int]:
         ticks.append(k * step)
         k += 1
     decimals = max(0, -math.floor(math.log10(step) + 1e-9))
-    if decimals and round(step * 10**decimals) % 1:
-        decimals += 1
     if abs(round(step / mag) - step / mag) > 1e-9:  # 2.5 x 10^k
         decimals += 1
     return ticks, decimals
