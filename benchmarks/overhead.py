@@ -213,15 +213,31 @@ def patch_latency_split() -> Callable[[], None]:
     return undo
 
 
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` says."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def fit_part(runs: int, max_epochs: int) -> dict[str, Any]:
     undo = patch_latency_split()
     try:
         results = []
         for r in range(runs):
+            load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
             with tempfile.TemporaryDirectory() as root:
                 results.append(fit_once(max_epochs, root))
+            # the machine is shared: the 1-minute load average before and after the run says how busy it was
+            results[-1]["load_average"] = [load, os.getloadavg()[0] if load is not None else None]
             print(
-                f"run {r}: fit {results[-1]['fit_s']:.1f} s, callback {results[-1]['rows']['all hooks of the callback']:.2f} s",
+                f"run {r}: fit {results[-1]['fit_s']:.1f} s, callback {results[-1]['rows']['all hooks of the callback']:.2f} s, "
+                f"load average {results[-1]['load_average']}",
                 flush=True,
             )
     finally:
@@ -274,7 +290,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     out: dict[str, Any] = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        "machine": f"{cpu_name()}, {os.cpu_count()} CPUs, "
         f"{torch.get_num_threads()} torch threads, torch {torch.__version__}",
         "command": " ".join(["python", *sys.argv]),
     }

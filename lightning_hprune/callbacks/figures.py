@@ -78,7 +78,7 @@ def send_figures(trainer: pl.Trainer, png_paths: Mapping[str, str]) -> list[str]
             elif isinstance(logger, MLFlowLogger):
                 for name, path in png_paths.items():
                     logger.experiment.log_image(logger.run_id, _rgb(path), f"hprune/{name}.png")
-            else:  # WandbLogger
+            elif isinstance(logger, WandbLogger):
                 for name, path in png_paths.items():
                     logger.log_image(key=f"hprune/{name}", images=[path], step=step)
         except Exception as err:  # a logger that fails must not lose the run's other results

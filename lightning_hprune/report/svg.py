@@ -335,7 +335,8 @@ class Panel:
         self._setup()
         out: list[str] = []
         x0, y0, w, h = self.x0, self.y0, self.w, self.h
-        xt, xd = nice_ticks(*sorted(self._xl))
+        xlo, xhi = sorted(self._xl)
+        xt, xd = nice_ticks(xlo, xhi)
         yt, yd = nice_ticks(*self._yl)
         if not self.right:
             out.append(
