@@ -11,9 +11,12 @@ method of the callback instance is wrapped with a timer, and so are the pieces i
 capture (``Calibration.add``), criterion accumulation (``Importance.on_before_optimizer_step``), events
 (``PruningCallback._event``), latency measurement (the session's own ``latency_seconds``: the dense model
 before the first event and the end-of-fit interleaved comparison), logging (``reporting.log_event``,
-``log_decision``, ``log_validation``) and the end-of-fit report (``reporting.finish`` without its latency
-measurement). The table gives each one's seconds and share of ``trainer.fit``'s wall time, as mean and range
-over ``--runs`` runs.
+``log_decision``, ``log_validation``), within it the width snapshot (``reporting.kept_widths``: the channel
+groups of the model the event left, which the next event reuses), and the end-of-fit report
+(``reporting.finish`` without its latency measurement; within it ``write_report_files``). The rows are
+disjoint (nested pieces are counted once, where they are listed) and add up to all hooks. The table gives
+each one's seconds and share of ``trainer.fit``'s wall time, as mean and range over ``--runs`` runs; the JSON
+also keeps the end-of-fit latency ratio with its spread and the files the report wrote.
 
 Part ``events``: one event's wall time and peak extra resident memory against model size, from a
 torchvision ResNet-18 to Llama decoders (``benchmarks/event_scaling.py``), with the log-log growth slope.
@@ -68,21 +71,29 @@ LOGGING = ("log_event", "log_decision", "log_validation")
 
 
 class Timers:
-    """Accumulated wall time and call count per label."""
+    """Accumulated wall time and call count per label; ``inside`` also books a call under ``label in outer``."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
+        self.active: list[str] = []
 
-    def wrap(self, label: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    def wrap(self, label: str, fn: Callable[..., Any], inside: tuple[str, ...] = ()) -> Callable[..., Any]:
         @functools.wraps(fn)
         def timed(*args: Any, **kwargs: Any) -> Any:
+            outer = [o for o in inside if o in self.active]
+            self.active.append(label)
             start = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.seconds[label] += time.perf_counter() - start
+                spent = time.perf_counter() - start
+                self.active.pop()
+                self.seconds[label] += spent
                 self.calls[label] += 1
+                for o in outer:
+                    self.seconds[f"{label} in {o}"] += spent
+                    self.calls[f"{label} in {o}"] += 1
 
         return timed
 
@@ -101,10 +112,14 @@ def fit_once(max_epochs: int, root: str) -> dict[str, Any]:
     session.calibration.add = timers.wrap("calibration capture", session.calibration.add)  # type: ignore[method-assign]
     imp = session.importance
     imp.on_before_optimizer_step = timers.wrap("criterion accumulation", imp.on_before_optimizer_step)  # type: ignore[method-assign]
-    originals = {name: getattr(reporting, name) for name in (*LOGGING, "finish")}
+    originals = {
+        name: getattr(reporting, name) for name in (*LOGGING, "finish", "kept_widths", "write_report_files")
+    }
     for name in LOGGING:
-        setattr(reporting, name, timers.wrap("logging", originals[name]))
+        setattr(reporting, name, timers.wrap("logging", originals[name], inside=("event (all of it)",)))
+    reporting.kept_widths = timers.wrap("kept widths", originals["kept_widths"], inside=("logging",))  # type: ignore[assignment]
     reporting.finish = timers.wrap("end-of-fit report (all of it)", originals["finish"])  # type: ignore[assignment]
+    reporting.write_report_files = timers.wrap("report files", originals["write_report_files"])  # type: ignore[assignment]
     trainer = pl.Trainer(
         max_epochs=max_epochs,
         accelerator="cpu",
@@ -128,6 +143,7 @@ def fit_once(max_epochs: int, root: str) -> dict[str, Any]:
     latency = session.latency_seconds
     in_events = float(getattr(session, "_overhead_event_latency", 0.0))  # the dense baseline, in `plan`
     hooks_total = sum(v for k, v in s.items() if k.startswith("hook "))
+    snapshot = s.get("kept widths in logging", 0.0)
     rows = {
         "batch hooks (on_train_batch_start + on_before_optimizer_step)": s.get(
             "hook on_train_batch_start", 0.0
@@ -135,24 +151,39 @@ def fit_once(max_epochs: int, root: str) -> dict[str, Any]:
         + s.get("hook on_before_optimizer_step", 0.0),
         "  of which calibration capture": s.get("calibration capture", 0.0),
         "  of which criterion accumulation": s.get("criterion accumulation", 0.0),
-        "events (without the dense latency before the first)": s.get("event (all of it)", 0.0) - in_events,
+        "events (without the dense latency before the first, the width snapshot and logging)": s.get(
+            "event (all of it)", 0.0
+        )
+        - in_events
+        - s.get("logging in event (all of it)", 0.0),
+        "width snapshot after each event (channel regrouping, reused by the next event)": snapshot,
+        "logging (metrics to the loggers, the timeline)": s.get("logging", 0.0) - snapshot,
         "latency measurement (dense before the first event + end of fit)": latency,
-        "logging (events, decisions, validation)": s.get("logging", 0.0),
         "end-of-fit report (without latency)": s.get("end-of-fit report (all of it)", 0.0)
         - (latency - in_events),
+        "  of which report files (SVG figures, HTML, JSON)": s.get("report files", 0.0),
         "set-up, tracing, checkpoint state (setup, on_fit_start, state_dict, ...)": s.get("hook setup", 0.0)
         + s.get("hook on_fit_start", 0.0)
         + s.get("hook state_dict", 0.0)
         + s.get("hook on_save_checkpoint", 0.0)
         + s.get("hook teardown", 0.0),
-        "all hooks of the callback": hooks_total,
     }
+    counted = sum(v for k, v in rows.items() if not k.startswith("  "))
+    rows["rest of the hooks (validation-end and epoch-end checks)"] = hooks_total - counted
+    rows["all hooks of the callback"] = hooks_total
+    lat = cb.summary.get("latency") or {}
     return {
         "fit_s": fit_s,
         "rows": rows,
         "raw": s,
         "calls": dict(timers.calls),
         "latency_s": latency,
+        "latency": {
+            k: lat.get(k)
+            for k in ("ratio", "ratio_q1", "ratio_q3", "verdict", "interleaved", "dense", "pruned")
+        },
+        "baseline_latency": cb.summary.get("baseline_latency"),
+        "report_files": sorted(os.listdir(reporting.run_dir(trainer))),
         "events": len(cb.records),
         "achieved": cb.summary.get("achieved"),
         "val_acc": cb.summary.get("after", {}).get("val_acc"),
@@ -182,15 +213,31 @@ def patch_latency_split() -> Callable[[], None]:
     return undo
 
 
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` says."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def fit_part(runs: int, max_epochs: int) -> dict[str, Any]:
     undo = patch_latency_split()
     try:
         results = []
         for r in range(runs):
+            load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
             with tempfile.TemporaryDirectory() as root:
                 results.append(fit_once(max_epochs, root))
+            # the machine is shared: the 1-minute load average before and after the run says how busy it was
+            results[-1]["load_average"] = [load, os.getloadavg()[0] if load is not None else None]
             print(
-                f"run {r}: fit {results[-1]['fit_s']:.1f} s, callback {results[-1]['rows']['all hooks of the callback']:.2f} s",
+                f"run {r}: fit {results[-1]['fit_s']:.1f} s, callback {results[-1]['rows']['all hooks of the callback']:.2f} s, "
+                f"load average {results[-1]['load_average']}",
                 flush=True,
             )
     finally:
@@ -243,7 +290,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     out: dict[str, Any] = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        "machine": f"{cpu_name()}, {os.cpu_count()} CPUs, "
         f"{torch.get_num_threads()} torch threads, torch {torch.__version__}",
         "command": " ".join(["python", *sys.argv]),
     }

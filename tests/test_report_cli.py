@@ -34,7 +34,15 @@ def test_callback_help_lists_every_option(capsys, monkeypatch, tmp_path):
     with pytest.raises(SystemExit):
         main(["fit", "--trainer.callbacks.help", "HierarchicalPruning"])
     out = capsys.readouterr().out
-    for option in ("levels", "target", "monitor", "closed_loop", "sensitivity", "measure_latency"):
+    for option in (
+        "levels",
+        "target",
+        "monitor",
+        "closed_loop",
+        "sensitivity",
+        "measure_latency",
+        "png_figures",
+    ):
         assert f"--trainer.callbacks.{option}" in out
     with pytest.raises(SystemExit):
         main(["--help"])

@@ -6,6 +6,7 @@ import csv
 import glob
 import json
 import os
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -73,8 +74,10 @@ def test_figures_reach_tensorboard_mlflow_wandb_and_files(tmp_path, monkeypatch)
     run = Path(csv_logger.log_dir)
     report = json.loads((run / JSON_NAME).read_text())
     for name in FIGURES:
-        _png_ok(run / f"hprune_{name}.png")
-        assert (run / f"hprune_{name}.svg").stat().st_size > 10_000
+        _png_ok(run / f"hprune_{name}.png")  # drawn because TensorBoard, MLflow and W&B take images
+        svg = ET.parse(run / f"hprune_{name}.svg").getroot()
+        assert svg.get("data-figure") == name
+        assert svg.findall(".//{http://www.w3.org/2000/svg}g[@class='series']") or name == "hierarchy"
     assert not list(tmp_path.glob("hprune_*"))  # nothing in the current directory
 
     # the report's numbers are the logged ones
@@ -155,9 +158,28 @@ def test_without_a_logger_the_report_goes_to_a_run_directory_not_the_current_one
         run = tmp_path / "root" / "hprune_logs" / expected
         assert (run / JSON_NAME).is_file()
         assert (run / HTML_NAME).is_file()
+        assert {p.name for p in run.glob("hprune_*.svg")} == {f"hprune_{n}.svg" for n in FIGURES}
+        assert list(run.glob("*.png")) == []  # no logger takes images: no matplotlib figure is drawn
     assert list(work.iterdir()) == []  # nothing in the current directory
     # no logger and no default_root_dir: Lightning's root is the current directory; still a run directory
     t = _bare_trainer(callbacks=[_callback()])
     t.fit(TinyCNN(), train, val)
     assert [p.name for p in work.iterdir()] == ["hprune_logs"]
     assert (work / "hprune_logs" / "version_0" / HTML_NAME).is_file()
+
+
+def test_png_figures_asks_for_the_png_files_without_an_image_logger(tmp_path):
+    train, val = loaders(n=32)
+    t = _bare_trainer(callbacks=[_callback(png_figures=True)], default_root_dir=str(tmp_path))
+    t.fit(TinyCNN(), train, val)
+    run = tmp_path / "hprune_logs" / "version_0"
+    for name in FIGURES:
+        _png_ok(run / f"hprune_{name}.png")
+        assert (run / f"hprune_{name}.svg").is_file()
+    report = json.loads((run / JSON_NAME).read_text())
+    assert report["files"]["figures"]["pruning_curve"] == {
+        "svg": "hprune_pruning_curve.svg",
+        "png": "hprune_pruning_curve.png",
+    }
+    with pytest.raises(ValueError, match=r"`png_figures` to be a bool, but got 'yes'"):
+        _callback(png_figures="yes")

@@ -148,6 +148,10 @@ class PruningCallback(Callback):
             heads, FFN, hidden size) across layers, so the model's own ``save_pretrained`` /
             ``from_pretrained`` round-trips; ``False`` lets every layer keep its own widths (then only
             ``load_pruned`` reloads it, and ``save_pretrained`` is refused with a message).
+        png_figures: also write every figure of the end-of-fit report as a PNG file (drawn with matplotlib,
+            about a third of a second per figure). The report's figures are always written as SVG (and
+            embedded in ``pruning_report.html``); PNGs are drawn anyway when a logger takes images
+            (TensorBoard, MLflow, Weights & Biases), and ``hprune report <log_dir>`` draws them later.
 
     """
 
@@ -179,6 +183,7 @@ class PruningCallback(Callback):
         distillation: Distillation | None = None,
         verbose: bool = True,
         uniform_widths: bool = True,
+        png_figures: bool = False,
     ) -> None:
         super().__init__()
         self.session = PruningSession(
@@ -206,6 +211,9 @@ class PruningCallback(Callback):
         #: Runs the distillation (``None`` without one); its state travels in this callback's checkpoint entry.
         self.distiller = None if distillation is None else Distiller(distillation, self.session)
         self.verbose = bool(verbose)
+        if not isinstance(png_figures, bool):
+            raise ValueError(f"Expected argument `png_figures` to be a bool, but got {png_figures!r}.")
+        self.png_figures = png_figures
         #: The callback whose session runs the events (``self`` unless it cooperates under another one).
         self._leader: PruningCallback = self
         self._patched_module: pl.LightningModule | None = None
@@ -611,9 +619,11 @@ class PruningCallback(Callback):
         if self._sharding is not None and self.session.ledger.records:
             with self._sharding.view(pl_module):  # measured and described on the gathered model
                 self.session.attach(pl_module)
-                done = reporting.finish(trainer, self.session, pl_module, self.verbose, extra)
+                done = reporting.finish(
+                    trainer, self.session, pl_module, self.verbose, extra, self.png_figures
+                )
         else:
-            done = reporting.finish(trainer, self.session, pl_module, self.verbose, extra)
+            done = reporting.finish(trainer, self.session, pl_module, self.verbose, extra, self.png_figures)
         if done is not None:
             self.summary, self.report_table = done
 

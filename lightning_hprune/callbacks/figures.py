@@ -4,8 +4,9 @@
   (``.../version_N``); with other loggers only (MLflow, W&B, ...), ``<default_root_dir>/hprune/<name>/<version>``;
   with no logger, ``<default_root_dir>/hprune_logs/version_N`` (the next free N). Never the current
   directory itself.
-* :func:`send_figures`: TensorBoard (``add_figure``), MLflow (``log_figure``), Weights & Biases
-  (``log_image``, a ``wandb.Image`` per figure); any logger: the PNG and SVG files in the run directory.
+* :func:`send_figures`: the figures' PNG files to TensorBoard (``add_image``), MLflow (``log_image``) and
+  Weights & Biases (``log_image``, a ``wandb.Image`` per figure); any logger: the SVG (and PNG) files in the
+  run directory.
 * :func:`send_files`: the report's files as MLflow artifacts and W&B run files.
 
 Rank zero only: nothing here is a collective.
@@ -47,36 +48,53 @@ def run_directory(trainer: pl.Trainer) -> str:
     return _next_version(os.path.join(root, "hprune_logs"))
 
 
-def send_figures(trainer: pl.Trainer, figures: Mapping[str, Any], png_paths: Mapping[str, str]) -> list[str]:
+def takes_images(logger: Logger) -> bool:
+    """Whether ``logger`` has an image API the figures go to (TensorBoard, MLflow, Weights & Biases)."""
+    return isinstance(logger, (TensorBoardLogger, MLFlowLogger, WandbLogger))
+
+
+def send_figures(trainer: pl.Trainer, png_paths: Mapping[str, str]) -> list[str]:
     """Log every figure to every logger that takes images; returns the loggers' class names that took them.
+
+    Each figure is sent as the PNG already written (no figure is rendered again per logger).
 
     Args:
         trainer: the Trainer (its loggers and global step).
-        figures: name -> matplotlib figure.
-        png_paths: name -> the figure's PNG file (for W&B, which logs images from files or arrays).
+        png_paths: name -> the figure's PNG file.
 
     """
     took = []
     step = trainer.global_step
     for logger in trainer.loggers:
+        if not takes_images(logger) or not png_paths:
+            continue
         try:
             if isinstance(logger, TensorBoardLogger):
-                for name, fig in figures.items():
-                    logger.experiment.add_figure(f"hprune/{name}", fig, global_step=step, close=False)
+                for name, path in png_paths.items():
+                    logger.experiment.add_image(
+                        f"hprune/{name}", _rgb(path), global_step=step, dataformats="HWC"
+                    )
                 logger.experiment.flush()
             elif isinstance(logger, MLFlowLogger):
-                for name, fig in figures.items():
-                    logger.experiment.log_figure(logger.run_id, fig, f"hprune/{name}.png")
+                for name, path in png_paths.items():
+                    logger.experiment.log_image(logger.run_id, _rgb(path), f"hprune/{name}.png")
             elif isinstance(logger, WandbLogger):
-                for name in figures:
-                    logger.log_image(key=f"hprune/{name}", images=[png_paths[name]], step=step)
-            else:
-                continue
+                for name, path in png_paths.items():
+                    logger.log_image(key=f"hprune/{name}", images=[path], step=step)
         except Exception as err:  # a logger that fails must not lose the run's other results
             rank_zero_warn(f"[hprune] could not log the figures to {type(logger).__name__}: {err}")
             continue
         took.append(type(logger).__name__)
     return took
+
+
+def _rgb(path: str) -> Any:
+    """A PNG file as an ``(H, W, 3)`` uint8 array (Pillow ships with matplotlib, which wrote the file)."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"))
 
 
 def send_files(trainer: pl.Trainer, paths: Sequence[str]) -> None:

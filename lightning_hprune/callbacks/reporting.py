@@ -4,7 +4,8 @@ Each event's record is logged as ``hprune/...`` metrics to every logger and prin
 monitored metric after every validation and the kept widths after every event go to the session's
 timeline. At the end of fit, rank zero measures latency (the pruned model interleaved with the dense
 copy), writes the report into the run's own directory (``hprune_report.json``, ``pruning_report.html``,
-every figure as PNG and SVG), logs the figures to every logger that takes images, and prints a summary.
+every figure as SVG, and as PNG when asked or a logger takes images), logs the figures to every logger that
+takes images, and prints a summary.
 """
 
 from __future__ import annotations
@@ -21,15 +22,11 @@ import torch.nn as nn
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from lightning_hprune.callbacks.figures import run_directory, send_figures, send_files
+from lightning_hprune.callbacks.figures import run_directory, send_figures, send_files, takes_images
 from lightning_hprune.core.ledger import EventRecord
 from lightning_hprune.core.measure import LatencyComparison
 from lightning_hprune.core.session import PruningSession
-from lightning_hprune.report import (
-    close_figures,
-    draw_figures,
-    write_report_files,
-)
+from lightning_hprune.report import write_report_files
 from lightning_hprune.report.tables import (
     BEFORE_AFTER_COLUMNS,
     before_after_rows,
@@ -267,11 +264,14 @@ def finish(
     model: nn.Module,
     verbose: bool,
     extra: Mapping[str, Any] | None = None,
+    png: bool = False,
 ) -> tuple[dict[str, Any], str] | None:
     """Summarise the fit: measure latency, log the final metrics and figures, write the report (rank 0).
 
     Every rank calls it; only rank zero measures latency, writes files and prints. ``extra`` entries (e.g. the
-    distillation's measured cost) are added to the summary.
+    distillation's measured cost) are added to the summary. The figures are written as SVG (pure Python,
+    milliseconds); they are drawn as PNG with matplotlib (about a third of a second each) only when ``png``
+    asks for the files or a logger takes images (TensorBoard, MLflow, Weights & Biases).
 
     Returns:
         ``(summary, before/after table)``, or ``None`` when no event ran.
@@ -298,12 +298,9 @@ def finish(
     table = before_after_table(summary)
     if trainer.is_global_zero:
         directory = run_dir(trainer)
-        figures = draw_figures(summary)
-        try:
-            files = write_report_files(summary, directory, figures)
-            send_figures(trainer, figures, {n: p["png"] for n, p in files.figures.items()})
-        finally:
-            close_figures(figures)
+        raster = png or any(takes_images(lg) for lg in trainer.loggers)
+        files = write_report_files(summary, directory, png=raster)
+        send_figures(trainer, {n: p["png"] for n, p in files.figures.items() if "png" in p})
         send_files(trainer, [files.json, files.html])
         if verbose:
             say(trainer, console_summary(summary, table, files.html, directory))

@@ -184,12 +184,13 @@ class LatencyMeasurement:
     Attributes:
         batch_size: the example input is repeated to this batch size.
         warmup: untimed passes before timing each model (one-time costs: kernel selection, allocator
-            growth, thread start-up).
+            growth, thread start-up). The first always runs (it also estimates a pass's time); the others
+            only as far as ``budget_s`` and ``max_share`` leave room for them beside the fewest timed passes.
         rounds: alternating rounds (dense, pruned, pruned, dense, ...) at the end of fit; each round gives
             one pruned/dense ratio, and their quartiles are the ratio's spread.
         repeats: timed passes of each model per round.
-        budget_s: fewer rounds (never fewer than 5) and repeats when the measurement would take longer than
-            this, estimated from the warm-up passes.
+        budget_s: fewer warm-up passes, rounds (never fewer than 5) and repeats when the measurement would
+            take longer than this, estimated from the first warm-up pass; the warm-up counts towards it.
         max_share: the measurements of a fit together take at most this share of its training time so far
             (the same reduction as ``budget_s``; never fewer than 5 rounds of 1 pass), so that a short fit
             does not spend more time timing the model than training it; ``None``: only ``budget_s``.
@@ -392,20 +393,48 @@ def _plan(
     return rounds, repeats
 
 
+def _warm_up(
+    timers: Sequence[_Timer], settings: LatencyMeasurement, budget_s: float | None
+) -> list[list[float]]:
+    """Warm-up passes of each timer's model: one always, the rest of ``warmup`` only where the budget has room.
+
+    The room is what the budget leaves beside the fewest timed passes (``min(5, rounds)`` rounds of one pass
+    of every model), estimated from the first pass.
+    """
+    warm = [t.run(1) for t in timers]
+    if settings.warmup <= 1:
+        return warm
+    per_pass = sum(min(w) for w in warm)  # ms for one pass of every model
+    cap = settings.budget_s if budget_s is None else min(settings.budget_s, budget_s)
+    extra = settings.warmup - 1
+    if per_pass > 0:
+        room = (cap * 1e3 - min(5, settings.rounds) * per_pass - per_pass) / per_pass
+        extra = max(0, min(extra, int(room)))
+    return [w + t.run(extra) for w, t in zip(warm, timers, strict=True)]
+
+
+def _left(settings: LatencyMeasurement, budget_s: float | None, start: float) -> float:
+    """The budget left for the timed passes after the warm-up that started at ``start``."""
+    cap = settings.budget_s if budget_s is None else min(settings.budget_s, budget_s)
+    return max(0.0, cap - (time.perf_counter() - start))
+
+
 def latency_stats(
     model: nn.Module,
     example_inputs: Any,
     settings: LatencyMeasurement | None = None,
     budget_s: float | None = None,
 ) -> LatencyStats:
-    """The latency of one model: ``warmup`` untimed passes, then up to ``rounds * repeats`` timed ones.
+    """The latency of one model: up to ``warmup`` untimed passes, then up to ``rounds * repeats`` timed ones.
 
-    ``budget_s`` (e.g. what ``max_share`` of the training time allows) lowers ``settings.budget_s``.
+    ``budget_s`` (e.g. what ``max_share`` of the training time allows) lowers ``settings.budget_s``; the
+    warm-up counts towards it.
     """
     settings = settings or LatencyMeasurement()
+    start = time.perf_counter()
     timer = _Timer(model, example_inputs, settings.batch_size)
-    warm = timer.run(max(settings.warmup, 1))
-    rounds, repeats = _plan(settings, min(warm), 1, budget_s)
+    (warm,) = _warm_up([timer], settings, budget_s)
+    rounds, repeats = _plan(settings, min(warm), 1, _left(settings, budget_s, start))
     return LatencyStats.of(timer.run(rounds * repeats))
 
 
@@ -422,7 +451,8 @@ def compare_latency(
     round times ``repeats`` passes of each model; the ratio of the two medians of a round is one sample of
     the ratio, so slow drifts of the machine (another job starting, clock changes) cancel within a round.
 
-    ``budget_s`` (e.g. what ``max_share`` of the training time allows) lowers ``settings.budget_s``.
+    ``budget_s`` (e.g. what ``max_share`` of the training time allows) lowers ``settings.budget_s``; the
+    warm-up counts towards it.
 
     Returns:
         The comparison (medians, quartiles, the ratio's quartiles and the verdict).
@@ -434,8 +464,8 @@ def compare_latency(
         _Timer(dense, example_inputs, settings.batch_size),
         _Timer(pruned, example_inputs, settings.batch_size),
     ]
-    warm = [min(t.run(max(settings.warmup, 1))) for t in timers]
-    rounds, repeats = _plan(settings, sum(warm) / 2, 2, budget_s)
+    warm = [min(w) for w in _warm_up(timers, settings, budget_s)]
+    rounds, repeats = _plan(settings, sum(warm) / 2, 2, _left(settings, budget_s, start))
     times: list[list[float]] = [[], []]
     ratios = []
     for r in range(rounds):

@@ -1,4 +1,4 @@
-"""``pruning_report.html``: one self-contained page (figures embedded as data URIs, no script, no link out)."""
+"""``pruning_report.html``: one self-contained page (SVG figures embedded as data URIs, no script, no link out)."""
 
 from __future__ import annotations
 
@@ -58,8 +58,8 @@ def _table(
     return f"<table id='{table_id}'><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
-def render_html(summary: Mapping[str, Any], images: Mapping[str, bytes]) -> str:
-    """The whole page: ``images`` maps a figure's name to its PNG bytes (embedded as data URIs)."""
+def render_html(summary: Mapping[str, Any], images: Mapping[str, str]) -> str:
+    """The whole page: ``images`` maps a figure's name to its SVG text (embedded as a data URI)."""
     monitor = summary.get("monitor")
     title = f"Pruning report: {summary.get('model', 'model')}"
     achieved, target = summary.get("achieved", float("nan")), summary.get("target", float("nan"))
@@ -75,10 +75,10 @@ def render_html(summary: Mapping[str, Any], images: Mapping[str, bytes]) -> str:
             "contains 1, so this run cannot tell whether the pruned model is faster on this machine.</p>"
         )
     figs = []
-    for name, png in images.items():
-        data = base64.b64encode(png).decode("ascii")
+    for name, svg in images.items():
+        data = base64.b64encode(svg.encode("utf-8")).decode("ascii")
         figs.append(
-            f"<figure id='fig-{name}'><img alt='{html.escape(name)}' src='data:image/png;base64,{data}'>"
+            f"<figure id='fig-{name}'><img alt='{html.escape(name)}' src='data:image/svg+xml;base64,{data}'>"
             f"<figcaption>{html.escape(_CAPTIONS.get(name, name))}</figcaption></figure>"
         )
     sections = [
@@ -91,7 +91,7 @@ def render_html(summary: Mapping[str, Any], images: Mapping[str, bytes]) -> str:
             ("before", "after", "ratio", "retained"),
         ),
         "<h2>Figures</h2>",
-        "".join(figs) or "<p class='lead'>(matplotlib is not installed: no figures)</p>",
+        "".join(figs) or "<p class='lead'>(no figures: the run has nothing to draw)</p>",
         "<h2>Per layer</h2>",
         _table(
             layer_rows(summary),
