@@ -138,6 +138,8 @@ CASES = [
     # Llama: head counts stay divisors of the current one (LlamaConfig's hidden_size % heads == 0), so a step
     # halves the heads, more than this target's share of them: they stay
     _case("llama", 0.5, "params", removed=frozenset({"layers", "ffn", "hidden"})),
+    # at a deeper target the halving step fits: Llama query heads go too (8 -> 4, key/value groups kept whole)
+    HFCase(dataclasses.replace(FAMILY_BY_NAME["llama"], name="llama-0.75"), 0.75, "params", ALL),
     _case("qwen2", 0.5, "macs"),
     _case("qwen3", 0.5, "params"),
     _case("mistral", 0.5, "macs"),
