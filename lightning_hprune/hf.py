@@ -12,12 +12,9 @@ With ``uniform_widths=False`` layers get their own widths, which one config valu
 
 from __future__ import annotations
 
-import copy
 import os
-import warnings
 from typing import Any
 
-import torch
 import torch.nn as nn
 
 from lightning_hprune.core.families.pretrained import (
@@ -25,6 +22,7 @@ from lightning_hprune.core.families.pretrained import (
     config_mismatches,
     find_pretrained,
     refusal,
+    shape_mismatches,
 )
 
 __all__ = [
@@ -34,26 +32,6 @@ __all__ = [
     "save_pretrained",
     "shape_mismatches",
 ]
-
-
-def shape_mismatches(hf: nn.Module, limit: int = 3) -> list[str]:
-    """Parameters whose shapes differ from those of a model built from ``hf.config`` (on the meta device).
-
-    What plain ``from_pretrained`` would refuse (a size mismatch), for any Hugging Face model: the known
-    layouts keep their config true, a model pruned through torch-pruning's graph (no known layout) does not.
-    """
-    with warnings.catch_warnings(), torch.device("meta"):
-        warnings.simplefilter("ignore")
-        fresh = type(hf)(copy.deepcopy(hf.config))
-    want = {n: tuple(t.shape) for n, t in fresh.state_dict().items()}
-    differ = [
-        f"{n} is {tuple(t.shape)} but the config builds {want[n]}"
-        for n, t in hf.state_dict().items()
-        if n in want and tuple(t.shape) != want[n]
-    ]
-    if len(differ) > limit:
-        differ = [*differ[:limit], f"{len(differ) - limit} more"]
-    return differ
 
 
 def save_pretrained(model: nn.Module, path: str | os.PathLike[str], **kwargs: Any) -> str:

@@ -367,6 +367,10 @@ def test_hf_model_prunes_in_a_fit_keeps_its_config_trains_and_reloads(
         # its config cannot describe the pruned MLP widths: saving for plain from_pretrained is refused
         with pytest.raises(PerLayerWidthsError, match=r"mlp\.fc1\.weight is .* but the config builds"):
             save_pretrained(module, run.checkpoint.parent / "hf")
+        # and so is the model's own save_pretrained: no directory that from_pretrained rejects is written
+        with pytest.raises(PerLayerWidthsError, match=r"mlp\.fc1\.weight is .* but the config builds"):
+            hf.save_pretrained(run.checkpoint.parent / "hf_own")
+        assert not (run.checkpoint.parent / "hf_own").exists()
 
     # output shape kept; training continues with finite losses and gradients
     with torch.no_grad():

@@ -30,6 +30,7 @@ from lightning_hprune.core.adjust import DECISION_CODES, Decision, decide
 from lightning_hprune.core.closed_loop import ClosedLoop
 from lightning_hprune.core.cost import MacsCost, ParamsCost, resolve_cost
 from lightning_hprune.core.engine import EventResult, plan_steps, run_event
+from lightning_hprune.core.families.pretrained import guard_save_pretrained
 from lightning_hprune.core.graph import (
     PruningError,
     PruningGraph,
@@ -632,6 +633,9 @@ class PruningSession:
                 )
         finally:
             self.importance.reset()  # also clears the statistics carried in `.grad` during the event
+            # any Hugging Face model inside (known layout or traced) refuses its own `save_pretrained` while
+            # its config cannot rebuild it, instead of writing a directory `from_pretrained` rejects
+            guard_save_pretrained(model)
 
     def record(
         self,

@@ -1,14 +1,18 @@
 """Keeping a pruned Hugging Face model loadable by plain ``from_pretrained`` (or saying why it is not).
 
 :func:`config_mismatches` lists what a model's config says that its modules contradict; while the layers have
-different widths (``uniform_widths=False``), :func:`guard_save_pretrained` makes the model's own
-``save_pretrained`` refuse with a message saying why and what to use instead.
+different widths (``uniform_widths=False``), or while its parameters have shapes its config would not build (a
+model of no known layout pruned through torch-pruning's graph), :func:`guard_save_pretrained` makes the model's
+own ``save_pretrained`` refuse with a message saying why and what to use instead.
 """
 
 from __future__ import annotations
 
+import copy
+import warnings
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 
@@ -78,6 +82,26 @@ def refusal(name: str, problems: list[str]) -> str:
     )
 
 
+def shape_mismatches(hf: nn.Module, limit: int = 3) -> list[str]:
+    """Parameters whose shapes differ from those of a model built from ``hf.config`` (on the meta device).
+
+    What plain ``from_pretrained`` would refuse (a size mismatch), for any Hugging Face model: the known
+    layouts keep their config true, a model pruned through torch-pruning's graph (no known layout) does not.
+    """
+    with warnings.catch_warnings(), torch.device("meta"):
+        warnings.simplefilter("ignore")
+        fresh = type(hf)(copy.deepcopy(hf.config))
+    want = {n: tuple(t.shape) for n, t in fresh.state_dict().items()}
+    differ = [
+        f"{n} is {tuple(t.shape)} but the config builds {want[n]}"
+        for n, t in hf.state_dict().items()
+        if n in want and tuple(t.shape) != want[n]
+    ]
+    if len(differ) > limit:
+        differ = [*differ[:limit], f"{len(differ) - limit} more"]
+    return differ
+
+
 class RefusingSave:
     """Stands in for a model's ``save_pretrained`` while its config cannot describe it."""
 
@@ -88,7 +112,7 @@ class RefusingSave:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Refuse while the config cannot describe the model; save as usual when it can."""
-        problems = config_mismatches(self._model)
+        problems = config_mismatches(self._model) or shape_mismatches(self._model)
         if problems:
             raise PerLayerWidthsError(refusal(self.model_name, problems))
         return self.original(*args, **kwargs)
