@@ -258,6 +258,35 @@ def final_metrics(summary: Mapping[str, Any]) -> dict[str, float]:
     return metrics
 
 
+def off_target_message(session: Any, achieved: float) -> str:
+    """Why the fit ended more than 2 points from its target, and what to change.
+
+    Short of the target with parts of the model protected or left alone (by its structure: a decoder sharing
+    the hidden size, shared layers, shuffled channels, ...), the structure is the limit, and the message names
+    those parts; otherwise the step is too coarse (``round_to``) or the layers too capped.
+    """
+    head = (
+        f"Pruning removed {achieved:.1%} of {session.cost.name}, more than 2 points from the target "
+        f"{session.target:.1%}"
+    )
+    graph = getattr(session, "graph", None)
+    held = {**getattr(graph, "protected_groups", {}), **getattr(graph, "left_alone", {})}
+    if achieved < session.target and held:
+        names = sorted(held)
+        shown = ", ".join(f"{n} ({held[n]})" for n in names[:3]) + (
+            f" and {len(names) - 3} more" if len(names) > 3 else ""
+        )
+        return (
+            f"{head}: the rest of the model reached its limits, and its structure keeps these parts from being "
+            f"pruned: {shown}. A smaller `round_to` or a larger `max_layer_ratio` can only help the parts that "
+            "are pruned; a lower target fits this model."
+        )
+    return (
+        f"{head}: with round_to={session.round_to} the model's layers are too narrow (or too capped) for a finer "
+        "step. Use a smaller `round_to` or a larger `max_layer_ratio`."
+    )
+
+
 def finish(
     trainer: pl.Trainer,
     session: PruningSession,
@@ -288,11 +317,7 @@ def finish(
     summary = summarize(session, final, value, model, latency, trainer)
     summary.update(extra or {})
     if session.schedule.finished and abs(summary["achieved"] - session.target) > 0.02:
-        rank_zero_warn(
-            f"Pruning removed {summary['achieved']:.1%} of {session.cost.name}, more than 2 points from the "
-            f"target {session.target:.1%}: with round_to={session.round_to} the model's layers are too narrow "
-            "(or too capped) for a finer step. Use a smaller `round_to` or a larger `max_layer_ratio`."
-        )
+        rank_zero_warn(off_target_message(session, summary["achieved"]))
     for logger in trainer.loggers:
         logger.log_metrics(final_metrics(summary), step=trainer.global_step)
     table = before_after_table(summary)
