@@ -85,6 +85,58 @@ def _metric_points(summary: Mapping[str, Any]) -> list[float]:
     return [float(dense)] + [float(e[monitor]) for e in events[1:]] + [float(after[monitor])]
 
 
+def _rollback_epochs(summary: Mapping[str, Any]) -> list[int]:
+    """Epochs at which the closed loop rolled an event back."""
+    return [int(d["epoch"]) for d in summary.get("decisions", []) if d.get("action") == "roll_back"]
+
+
+def _cost_steps(
+    xs: Sequence[float], events: Sequence[Mapping[str, Any]], last: int, div: float
+) -> tuple[list[int], list[float]]:
+    """A cost series (dense first, one value per event) as a post-step curve over the epochs, scaled by ``div``."""
+    steps_x = [0] + [int(e["epoch"]) for e in events] + [last]
+    steps_y = [xs[0] / div] + [v / div for v in xs[1:]] + [xs[-1] / div]
+    return steps_x, steps_y
+
+
+def _latency_points(
+    summary: Mapping[str, Any], events: Sequence[Mapping[str, Any]], last: int
+) -> list[tuple[str, float, Mapping[str, Any]]]:
+    """The latency measurements to draw, as ``(kind, epoch, stats)``.
+
+    Kinds: ``"dense"`` (before the first event), ``"event"`` (after one), ``"pruned"`` and ``"interleaved"``
+    (the pruned model and the dense copy timed in turns at the end of fit); ``stats`` has ``median_ms`` and,
+    where measured, ``q1_ms``/``q3_ms``.
+    """
+    base, lat = summary.get("baseline_latency"), summary.get("latency")
+    first = [int(d["epoch"]) for d in summary.get("decisions", []) if d.get("action") == "pruned"]
+    first += [int(e["epoch"]) for e in events]
+    out: list[tuple[str, float, Mapping[str, Any]]] = []
+    if isinstance(base, Mapping) and first:
+        out.append(("dense", min(first), base))
+    for e in events:
+        if isinstance(e.get("latency_ms"), (int, float)):
+            stats = {
+                "median_ms": e["latency_ms"],
+                "q1_ms": e.get("latency_q1_ms", e["latency_ms"]),
+                "q3_ms": e.get("latency_q3_ms", e["latency_ms"]),
+            }
+            out.append(("event", int(e["epoch"]), stats))
+    if isinstance(lat, Mapping) and lat.get("pruned"):
+        out.append(("pruned", last + 0.12, lat["pruned"]))
+        if lat.get("interleaved"):
+            out.append(("interleaved", last - 0.12, lat["dense"]))
+    return out
+
+
+def _latency_title(summary: Mapping[str, Any]) -> str:
+    """The latency panel's title: the end-of-fit ratio and verdict when measured."""
+    lat = summary.get("latency")
+    if isinstance(lat, Mapping) and lat.get("pruned"):
+        return f"latency: ratio {lat['ratio']:.3f} (IQR {lat['ratio_q1']:.3f}-{lat['ratio_q3']:.3f}), {lat['verdict']}"
+    return "latency"
+
+
 def pruning_curve(summary: Mapping[str, Any]) -> Any:
     """The monitored metric against MACs and against parameters: one point per event, dense and target marked."""
     plt = _plt()
@@ -146,7 +198,7 @@ def over_epochs(summary: Mapping[str, Any]) -> Any:
     last = _last_epoch(summary)
     monitor = summary.get("monitor")
     fig, axes = plt.subplots(2, 2, figsize=(11, 6.5), sharex=True)
-    rollbacks = [int(d["epoch"]) for d in summary.get("decisions", []) if d.get("action") == "roll_back"]
+    rollbacks = _rollback_epochs(summary)
 
     def mark(ax: Any) -> None:
         for i, e in enumerate(events):
@@ -166,9 +218,7 @@ def over_epochs(summary: Mapping[str, Any]) -> Any:
         xs = _cost_points(summary, key)
         if xs:
             div, unit = _scale(xs)
-            steps_x = [0] + [int(e["epoch"]) for e in events] + [last]
-            steps_y = [xs[0] / div] + [v / div for v in xs[1:]] + [xs[-1] / div]
-            ax.step(steps_x, steps_y, where="post", color="#264653", lw=2)
+            ax.step(*_cost_steps(xs, events, last, div), where="post", color="#264653", lw=2)
             ax.set_ylabel(_label(quantity, unit))
             ax.set_ylim(bottom=0)
         ax.set_title(f"{quantity} (the model trained during each epoch)")
@@ -210,48 +260,28 @@ def _errorbar(ax: Any, x: float, stats: Mapping[str, Any], **kwargs: Any) -> Non
 def _latency_panel(
     ax: Any, summary: Mapping[str, Any], events: Sequence[Mapping[str, Any]], last: int
 ) -> None:
-    base = summary.get("baseline_latency")
-    lat = summary.get("latency")
-    drawn = False
-    first = [int(d["epoch"]) for d in summary.get("decisions", []) if d.get("action") == "pruned"]
-    first += [int(e["epoch"]) for e in events]
-    if isinstance(base, Mapping) and first:
-        _errorbar(ax, min(first), base, fmt="s", color="#f4a261", label="dense, before the first event")
-        drawn = True
-    per_event = [e for e in events if isinstance(e.get("latency_ms"), (int, float))]
-    if per_event:
-        for i, e in enumerate(per_event):
-            stats = {"median_ms": e["latency_ms"], "q1_ms": e.get("latency_q1_ms", e["latency_ms"])}
-            stats["q3_ms"] = e.get("latency_q3_ms", e["latency_ms"])
-            _errorbar(
-                ax,
-                int(e["epoch"]),
-                stats,
-                fmt="o",
-                color="#264653",
-                label="after an event" if i == 0 else None,
-            )
-        drawn = True
-    if isinstance(lat, Mapping) and lat.get("pruned"):
-        _errorbar(ax, last + 0.12, lat["pruned"], fmt="o", color="#2a9d8f", ms=7, label="pruned, end of fit")
-        if lat.get("interleaved"):
-            _errorbar(
-                ax,
-                last - 0.12,
-                lat["dense"],
-                fmt="D",
-                mfc="none",
-                color="#f4a261",
-                ms=7,
-                label="dense copy, interleaved",
-            )
-        ax.set_title(
-            f"latency: ratio {lat['ratio']:.3f} (IQR {lat['ratio_q1']:.3f}-{lat['ratio_q3']:.3f}), {lat['verdict']}"
-        )
-        drawn = True
-    else:
-        ax.set_title("latency")
-    if drawn:
+    points = _latency_points(summary, events, last)
+    style: dict[str, dict[str, Any]] = {
+        "dense": {"fmt": "s", "color": "#f4a261", "label": "dense, before the first event"},
+        "event": {"fmt": "o", "color": "#264653", "label": "after an event"},
+        "pruned": {"fmt": "o", "color": "#2a9d8f", "ms": 7, "label": "pruned, end of fit"},
+        "interleaved": {
+            "fmt": "D",
+            "mfc": "none",
+            "color": "#f4a261",
+            "ms": 7,
+            "label": "dense copy, interleaved",
+        },
+    }
+    labelled: set[str] = set()
+    for kind, x, stats in points:
+        kw = dict(style[kind])
+        if kind in labelled:
+            kw["label"] = None
+        labelled.add(kind)
+        _errorbar(ax, x, stats, **kw)
+    ax.set_title(_latency_title(summary))
+    if points:
         ax.set_ylabel("forward latency (ms, median and IQR)")
         ax.set_ylim(bottom=0)
         ax.legend(fontsize=7, loc="best")
@@ -299,21 +329,94 @@ def _width_matrix(
     return layers, columns, values, labels
 
 
-def hierarchy(summary: Mapping[str, Any], max_layers: int = 80) -> Any:
-    """Every layer's kept width after every event: a layers x events heat map (removed blocks crossed out)."""
-    plt = _plt()
-    from matplotlib.colors import ListedColormap
+def _hierarchy_layout(
+    summary: Mapping[str, Any], max_layers: int
+) -> tuple[list[str], list[str], list[list[float]], list[list[str]], list[int], list[str], str] | None:
+    """What the width heat map shows: :func:`_width_matrix`, the rows shown, their names and the title.
 
+    Returns ``(layers, columns, values, labels, shown, names, title)``, or ``None`` without layers. With more
+    than ``max_layers`` layers, the most pruned ones are shown (in module order); ``names`` tag head groups and
+    layers removed with their block; the title's second line lists removed blocks and heads.
+    """
     layers, columns, values, labels = _width_matrix(summary)
     if not layers:
         return None
-    widths = summary.get("structure", {}).get("widths", {})
+    structure = summary.get("structure", {})
+    widths = structure.get("widths", {})
     shown = list(range(len(layers)))
     note = ""
     if len(layers) > max_layers:
         final = [v[-1] if math.isfinite(v[-1]) else -1.0 for v in values]
         shown = sorted(sorted(shown, key=lambda i: final[i])[:max_layers])
         note = f" ({max_layers} most pruned of {len(layers)} layers)"
+    names = []
+    for i in shown:
+        w = widths[layers[i]]
+        tag = " [heads]" if w.get("unit") == "heads" else ""
+        tag += f" [block {w['removed_with']} removed]" if w.get("removed_with") else ""
+        names.append(f"{layers[i]}{tag}")
+    removed = structure.get("removed_modules", [])
+    heads = sum(int(lv.get("heads_removed", 0)) for lv in structure.get("levels", {}).values())
+    subtitle = []
+    if removed:
+        subtitle.append(f"blocks removed whole: {', '.join(removed)}")
+    if heads:
+        subtitle.append(f"attention heads removed: {heads}")
+    title = "Kept width per layer" + note + ("\n" + "; ".join(subtitle) if subtitle else "")
+    return layers, columns, values, labels, shown, names, title
+
+
+def _kept_events(summary: Mapping[str, Any]) -> tuple[list[int], list[float]] | None:
+    """The kept events' cumulative removal (% of dense) as a post-step curve over the epochs."""
+    events = summary.get("events_log", [])
+    if not events:
+        return None
+    xs = [0] + [int(e["epoch"]) for e in events] + [_last_epoch(summary)]
+    ys = [0.0] + [100 * float(e["removed"]) for e in events] + [100 * float(events[-1]["removed"])]
+    return xs, ys
+
+
+def _decision_marks(entries: Sequence[Mapping[str, Any]]) -> list[tuple[int, float, str]]:
+    """``(epoch, removed %, action)`` of every decision: a rolled-back event at what it had removed."""
+    marks = []
+    removed_now = 0.0
+    for d in entries:
+        action = str(d.get("action"))
+        if action == "pruned" and isinstance(d.get("removed"), (int, float)):
+            removed_now = float(d["removed"])
+            y = removed_now
+        elif action == "roll_back" and isinstance(d.get("undone_removed"), (int, float)):
+            y = float(d["undone_removed"])
+        else:
+            y = removed_now
+        marks.append((int(d["epoch"]), 100 * y, action))
+    return marks
+
+
+def _metric_checks(entries: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The decisions that checked the metric (a finite ``drop``)."""
+    return [d for d in entries if isinstance(d.get("drop"), (int, float)) and math.isfinite(d["drop"])]
+
+
+def each_figure(summary: Mapping[str, Any], draw: Mapping[str, Any]) -> dict[str, Any]:
+    """``draw[name](summary)`` for each of :data:`FIGURES`, keeping those the run has something for."""
+    out = {}
+    for name in FIGURES:
+        figure = draw[name](summary)
+        if figure is not None:
+            out[name] = figure
+    return out
+
+
+def hierarchy(summary: Mapping[str, Any], max_layers: int = 80) -> Any:
+    """Every layer's kept width after every event: a layers x events heat map (removed blocks crossed out)."""
+    plt = _plt()
+    from matplotlib.colors import ListedColormap
+
+    layout = _hierarchy_layout(summary, max_layers)
+    if layout is None:
+        return None
+    _layers, columns, values, labels, shown, names, title = layout
     rows = [values[i] for i in shown]
     height = min(max(3.0, 0.26 * len(shown) + 2.2), 24.0)
     fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(columns) + 4.5), height))
@@ -325,29 +428,12 @@ def hierarchy(summary: Mapping[str, Any], max_layers: int = 80) -> Any:
                 v = values[i][c]
                 color = "white" if math.isfinite(v) and v < 0.55 else "black"
                 ax.text(c, r, text, ha="center", va="center", fontsize=7, color=color)
-    names = []
-    for i in shown:
-        w = widths[layers[i]]
-        tag = " [heads]" if w.get("unit") == "heads" else ""
-        tag += f" [block {w['removed_with']} removed]" if w.get("removed_with") else ""
-        names.append(f"{layers[i]}{tag}")
     ax.set_yticks(range(len(shown)), names, fontsize=7 if len(shown) > 30 else 8)
     ax.set_xticks(range(len(columns)), columns, fontsize=8)
     ax.set_xlabel("after each event (cells: kept width in channels, or heads; x: removed with its block)")
     cbar = fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02)
     cbar.set_label("kept width (% of the dense width)")
-    removed = summary.get("structure", {}).get("removed_modules", [])
-    heads = sum(
-        int(lv.get("heads_removed", 0)) for lv in summary.get("structure", {}).get("levels", {}).values()
-    )
-    subtitle = []
-    if removed:
-        subtitle.append(f"blocks removed whole: {', '.join(removed)}")
-    if heads:
-        subtitle.append(f"attention heads removed: {heads}")
-    ax.set_title(
-        "Kept width per layer" + note + ("\n" + "; ".join(subtitle) if subtitle else ""), fontsize=10
-    )
+    ax.set_title(title, fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -362,30 +448,14 @@ def decisions(summary: Mapping[str, Any]) -> Any:
         return None
     plt = _plt()
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
-    events = summary.get("events_log", [])
-    if events:
-        top.step(
-            [0] + [int(e["epoch"]) for e in events] + [_last_epoch(summary)],
-            [0.0] + [100 * float(e["removed"]) for e in events] + [100 * float(events[-1]["removed"])],
-            where="post",
-            color="#264653",
-            lw=1.5,
-            label="kept events",
-        )
+    kept = _kept_events(summary)
+    if kept is not None:
+        top.step(*kept, where="post", color="#264653", lw=1.5, label="kept events")
     seen: set[str] = set()
-    removed_now = 0.0
-    for d in entries:
-        action = str(d.get("action"))
-        if action == "pruned" and isinstance(d.get("removed"), (int, float)):
-            removed_now = float(d["removed"])
-            y = removed_now
-        elif action == "roll_back" and isinstance(d.get("undone_removed"), (int, float)):
-            y = float(d["undone_removed"])
-        else:
-            y = removed_now
+    for epoch, y, action in _decision_marks(entries):
         top.plot(
-            [int(d["epoch"])],
-            [100 * y],
+            [epoch],
+            [y],
             _MARKERS.get(action, "o"),
             color=_COLORS.get(action, "#555555"),
             ms=9 if action in ("roll_back", "stop") else 7,
@@ -399,7 +469,7 @@ def decisions(summary: Mapping[str, Any]) -> Any:
     top.set_title("Decisions (a rolled-back event is marked at what it had removed)")
     top.legend(fontsize=8, loc="best", ncol=2)
     top.grid(alpha=0.3)
-    checks = [d for d in entries if isinstance(d.get("drop"), (int, float)) and math.isfinite(d["drop"])]
+    checks = _metric_checks(entries)
     if checks:
         for d in checks:
             action = str(d["action"])
@@ -438,14 +508,12 @@ def decisions(summary: Mapping[str, Any]) -> Any:
 
 def draw_all(summary: Mapping[str, Any]) -> dict[str, Any]:
     """Every figure the run has something for, by name (see :data:`FIGURES`)."""
-    out = {}
-    for name, fn in (
-        ("pruning_curve", pruning_curve),
-        ("over_epochs", over_epochs),
-        ("hierarchy", hierarchy),
-        ("decisions", decisions),
-    ):
-        fig = fn(summary)
-        if fig is not None:
-            out[name] = fig
-    return out
+    return each_figure(
+        summary,
+        {
+            "pruning_curve": pruning_curve,
+            "over_epochs": over_epochs,
+            "hierarchy": hierarchy,
+            "decisions": decisions,
+        },
+    )

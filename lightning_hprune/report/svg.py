@@ -23,11 +23,19 @@ from lightning_hprune.report.figures import (
     _COLORS,
     _MARKERS,
     _cost_points,
+    _cost_steps,
+    _decision_marks,
+    _hierarchy_layout,
+    _kept_events,
     _label,
     _last_epoch,
+    _latency_points,
+    _latency_title,
+    _metric_checks,
     _metric_points,
+    _rollback_epochs,
     _scale,
-    _width_matrix,
+    each_figure,
 )
 
 _FONT = "DejaVu Sans, Verdana, Segoe UI, Helvetica, Arial, sans-serif"
@@ -619,7 +627,7 @@ def over_epochs(summary: Mapping[str, Any]) -> str:
     before = summary.get("before", {})
     last = _last_epoch(summary)
     monitor = summary.get("monitor")
-    rollbacks = [int(d["epoch"]) for d in summary.get("decisions", []) if d.get("action") == "roll_back"]
+    rollbacks = _rollback_epochs(summary)
     width, height = 1210.0, 715.0
     pw, ph = 470.0, 250.0
     panels = [
@@ -646,9 +654,7 @@ def over_epochs(summary: Mapping[str, Any]) -> str:
         p.title = f"{quantity} (the model trained during each epoch)"
         if xs:
             div, unit = _scale(xs)
-            steps_x = [0] + [int(e["epoch"]) for e in events] + [last]
-            steps_y = [xs[0] / div] + [v / div for v in xs[1:]] + [xs[-1] / div]
-            p.line(steps_x, steps_y, "#264653", lw=2, step=True)
+            p.line(*_cost_steps(xs, events, last, div), "#264653", lw=2, step=True)
             p.ylabel = _label(quantity, unit)
             p.ybottom = 0.0
         mark(p)
@@ -686,15 +692,16 @@ def over_epochs(summary: Mapping[str, Any]) -> str:
 def _latency_panel(
     p: Panel, summary: Mapping[str, Any], events: Sequence[Mapping[str, Any]], last: int
 ) -> None:
-    base = summary.get("baseline_latency")
-    lat = summary.get("latency")
-    drawn = False
-    first = [int(d["epoch"]) for d in summary.get("decisions", []) if d.get("action") == "pruned"]
-    first += [int(e["epoch"]) for e in events]
-
-    def bar(
-        x: float, stats: Mapping[str, Any], marker: str, color: str, label: str | None, **kw: Any
-    ) -> None:
+    points = _latency_points(summary, events, last)
+    style: dict[str, tuple[str, str, str, dict[str, Any]]] = {
+        "dense": ("s", "#f4a261", "dense, before the first event", {}),
+        "event": ("o", "#264653", "after an event", {}),
+        "pruned": ("o", "#2a9d8f", "pruned, end of fit", {"ms": 8}),
+        "interleaved": ("D", "#f4a261", "dense copy, interleaved", {"ms": 8, "hollow": True}),
+    }
+    labelled: set[str] = set()
+    for kind, x, stats in points:
+        marker, color, label, kw = style[kind]
         med = float(stats["median_ms"])
         p.errorbar(
             x,
@@ -703,31 +710,12 @@ def _latency_panel(
             float(stats.get("q3_ms", med)),
             marker,
             color,
-            label=label,
+            label=None if kind in labelled else label,
             **kw,
         )
-
-    if isinstance(base, Mapping) and first:
-        bar(min(first), base, "s", "#f4a261", "dense, before the first event")
-        drawn = True
-    per_event = [e for e in events if isinstance(e.get("latency_ms"), (int, float))]
-    for i, e in enumerate(per_event):
-        stats = {
-            "median_ms": e["latency_ms"],
-            "q1_ms": e.get("latency_q1_ms", e["latency_ms"]),
-            "q3_ms": e.get("latency_q3_ms", e["latency_ms"]),
-        }
-        bar(int(e["epoch"]), stats, "o", "#264653", "after an event" if i == 0 else None)
-        drawn = True
-    if isinstance(lat, Mapping) and lat.get("pruned"):
-        bar(last + 0.12, lat["pruned"], "o", "#2a9d8f", "pruned, end of fit", ms=8)
-        if lat.get("interleaved"):
-            bar(last - 0.12, lat["dense"], "D", "#f4a261", "dense copy, interleaved", ms=8, hollow=True)
-        p.title = f"latency: ratio {lat['ratio']:.3f} (IQR {lat['ratio_q1']:.3f}-{lat['ratio_q3']:.3f}), {lat['verdict']}"
-        drawn = True
-    else:
-        p.title = "latency"
-    if drawn:
+        labelled.add(kind)
+    p.title = _latency_title(summary)
+    if points:
         p.ylabel = "forward latency (ms, median and IQR)"
         p.ybottom = 0.0
     else:
@@ -736,36 +724,14 @@ def _latency_panel(
 
 def hierarchy(summary: Mapping[str, Any], max_layers: int = 80) -> str | None:
     """Every layer's kept width after every event, a heat map (see :func:`~lightning_hprune.report.figures.hierarchy`)."""
-    layers, columns, values, labels = _width_matrix(summary)
-    if not layers:
+    layout = _hierarchy_layout(summary, max_layers)
+    if layout is None:
         return None
-    widths = summary.get("structure", {}).get("widths", {})
-    shown = list(range(len(layers)))
-    note = ""
-    if len(layers) > max_layers:
-        final = [v[-1] if math.isfinite(v[-1]) else -1.0 for v in values]
-        shown = sorted(sorted(shown, key=lambda i: final[i])[:max_layers])
-        note = f" ({max_layers} most pruned of {len(layers)} layers)"
-    names = []
-    for i in shown:
-        w = widths[layers[i]]
-        tag = " [heads]" if w.get("unit") == "heads" else ""
-        tag += f" [block {w['removed_with']} removed]" if w.get("removed_with") else ""
-        names.append(f"{layers[i]}{tag}")
+    layers, columns, values, labels, shown, names, title = layout
     fs = 9.0 if len(shown) > 30 else 10.0
     left = 20 + max(text_width(n, fs) for n in names)
     cell_w = 120.0 if len(columns) <= 6 else 90.0
     cell_h = 34.0 if len(shown) <= 12 else 24.0 if len(shown) <= 30 else 17.0
-    removed = summary.get("structure", {}).get("removed_modules", [])
-    heads = sum(
-        int(lv.get("heads_removed", 0)) for lv in summary.get("structure", {}).get("levels", {}).values()
-    )
-    subtitle = []
-    if removed:
-        subtitle.append(f"blocks removed whole: {', '.join(removed)}")
-    if heads:
-        subtitle.append(f"attention heads removed: {heads}")
-    title = "Kept width per layer" + note + ("\n" + "; ".join(subtitle) if subtitle else "")
     top = 40.0 + 15 * title.count("\n")
     grid_w, grid_h = cell_w * len(columns), cell_h * len(shown)
     xlabel = "after each event (cells: kept width in channels, or heads; x: removed with its block)"
@@ -844,28 +810,14 @@ def decisions(summary: Mapping[str, Any]) -> str | None:
     )
     bottom = Panel(x0=90, y0=340, w=800, h=250, xlabel="epoch")
     events = summary.get("events_log", [])
-    if events:
-        top.line(
-            [0] + [int(e["epoch"]) for e in events] + [_last_epoch(summary)],
-            [0.0] + [100 * float(e["removed"]) for e in events] + [100 * float(events[-1]["removed"])],
-            "#264653",
-            step=True,
-            label="kept events",
-        )
+    kept = _kept_events(summary)
+    if kept is not None:
+        top.line(*kept, "#264653", step=True, label="kept events")
     seen: set[str] = set()
-    removed_now = 0.0
-    for d in entries:
-        action = str(d.get("action"))
-        if action == "pruned" and isinstance(d.get("removed"), (int, float)):
-            removed_now = float(d["removed"])
-            y = removed_now
-        elif action == "roll_back" and isinstance(d.get("undone_removed"), (int, float)):
-            y = float(d["undone_removed"])
-        else:
-            y = removed_now
+    for epoch, y, action in _decision_marks(entries):
         top.points(
-            [int(d["epoch"])],
-            [100 * y],
+            [epoch],
+            [y],
             _MARKERS.get(action, "o"),
             _COLORS.get(action, "#555555"),
             ms=10 if action in ("roll_back", "stop") else 8,
@@ -876,7 +828,7 @@ def decisions(summary: Mapping[str, Any]) -> str | None:
     if isinstance(target, (int, float)):
         top.hline(100 * target, "#e76f51", ls="--", lw=1, label=f"target {target:.0%}")
     top.ylabel = f"{summary.get('cost', 'cost')} removed (% of dense)"
-    checks = [d for d in entries if isinstance(d.get("drop"), (int, float)) and math.isfinite(d["drop"])]
+    checks = _metric_checks(entries)
     twin = None
     if checks:
         colors = [_COLORS.get(str(d["action"]), "#555555") for d in checks]
@@ -918,14 +870,12 @@ def decisions(summary: Mapping[str, Any]) -> str | None:
 
 def draw_all(summary: Mapping[str, Any]) -> dict[str, str]:
     """Every figure the run has something for, by name, as SVG text (the names of :data:`~lightning_hprune.report.figures.FIGURES`)."""
-    out: dict[str, str] = {}
-    for name, fn in (
-        ("pruning_curve", pruning_curve),
-        ("over_epochs", over_epochs),
-        ("hierarchy", hierarchy),
-        ("decisions", decisions),
-    ):
-        svg = fn(summary)
-        if svg is not None:
-            out[name] = svg
-    return out
+    return each_figure(
+        summary,
+        {
+            "pruning_curve": pruning_curve,
+            "over_epochs": over_epochs,
+            "hierarchy": hierarchy,
+            "decisions": decisions,
+        },
+    )
