@@ -38,6 +38,7 @@ from lightning_hprune import HierarchicalPruning, load_pruned
 from lightning_hprune.core.families import TransformerFamily, detect
 from lightning_hprune.core.families.pretrained import PerLayerWidthsError, config_mismatches
 from lightning_hprune.hf import save_pretrained
+from tests.helpers import trainer as quiet_trainer
 from tests.zoo import BY_NAME as FAMILY_BY_NAME
 from tests.zoo import IMAGE, logits
 from tests.zoo import Case as FamilyCase
@@ -254,16 +255,8 @@ def _fit(case: HFCase, root: Path) -> Fitted:
         measure_latency=False,
         verbose=False,
     )
-    trainer = pl.Trainer(
-        max_epochs=2,
-        callbacks=[cb],
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        limit_val_batches=0,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(root),
+    trainer = quiet_trainer(
+        root, [cb], max_epochs=2, logger=False, limit_val_batches=0, enable_checkpointing=True
     )
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:

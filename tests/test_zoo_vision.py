@@ -29,6 +29,7 @@ from lightning_hprune import HierarchicalPruning, load_pruned
 from lightning_hprune.core.conv_groups import GroupedChannelGroup
 from lightning_hprune.core.graph import PruningGraph
 from lightning_hprune.core.measure import count_macs
+from tests.helpers import trainer as quiet_trainer
 
 timm = pytest.importorskip("timm")
 torchvision = pytest.importorskip("torchvision")
@@ -189,16 +190,8 @@ def test_zoo_model_prunes_trains_reloads_and_counts_macs(case: Case, tmp_path: P
     cb = HierarchicalPruning(
         target=0.4, cost="macs", start_epoch=0, end_epoch=1, measure_latency=False, verbose=False
     )
-    trainer = pl.Trainer(
-        max_epochs=2,
-        callbacks=[cb],
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        limit_val_batches=0,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(tmp_path),
+    trainer = quiet_trainer(
+        tmp_path, [cb], max_epochs=2, logger=False, limit_val_batches=0, enable_checkpointing=True
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
