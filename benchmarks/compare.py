@@ -70,6 +70,9 @@ from typing import Any
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 ROOT = Path(__file__).resolve().parents[1]
+HERE = str(
+    Path(__file__).resolve().parent
+)  # the child of the Torch-Pruning attempt imports this script from here
 if str(ROOT) not in sys.path:  # `python benchmarks/compare.py` puts benchmarks/ first, not the repository
     sys.path.insert(0, str(ROOT))
 
@@ -224,6 +227,32 @@ def mnist_task(quick: bool = False) -> CompareTask:
 
 
 # ---------------------------------------------------------------------- causal_lm
+def llama_meta_pruner(model: torch.nn.Module, example: Any, ratio: float, **kwargs: Any) -> Any:
+    """Torch-Pruning's LLM-example ``MetaPruner`` for a ``ByteLlama``: query and key/value heads declared, whole
+    heads pruned at ``ratio`` (never head dimensions), the output head ignored; ``kwargs`` go to the pruner."""
+    import torch_pruning as tp
+
+    net: Any = model.net  # type: ignore[attr-defined]
+    num_heads = {}
+    for layer in net.model.layers:
+        attn = layer.self_attn
+        num_heads[attn.q_proj] = net.config.num_attention_heads
+        num_heads[attn.k_proj] = net.config.num_key_value_heads
+        num_heads[attn.v_proj] = net.config.num_key_value_heads
+    return tp.pruner.MetaPruner(
+        model,
+        example,
+        importance=tp.importance.MagnitudeImportance(p=2, group_reduction="mean"),
+        pruning_ratio=ratio,
+        ignored_layers=[net.lm_head],
+        num_heads=num_heads,
+        prune_num_heads=True,
+        prune_head_dims=False,
+        head_pruning_ratio=ratio,
+        **kwargs,
+    )
+
+
 #: The child process of the Torch-Pruning attempt on the Llama: the LLM example's MetaPruner, one step.
 TP_LLAMA_ATTEMPT = r"""
 import faulthandler, json, signal, sys, time
@@ -232,26 +261,16 @@ torch.set_num_threads(1)
 faulthandler.register(signal.SIGUSR1, all_threads=True)
 import torch_pruning as tp
 from lightning_hprune.examples.causal_lm import ByteLlama
+sys.path.insert(0, sys.argv[4])
+from compare import llama_meta_pruner
 
 arch, length, fraction = json.loads(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
 t0 = time.perf_counter()
 def stage(name):
     print(json.dumps({"stage": name, "t": time.perf_counter() - t0}), flush=True)
 model = ByteLlama(**arch, length=length).eval()
-net = model.net
-num_heads = {}
-for layer in net.model.layers:
-    attn = layer.self_attn
-    num_heads[attn.q_proj] = net.config.num_attention_heads
-    num_heads[attn.k_proj] = net.config.num_key_value_heads
-    num_heads[attn.v_proj] = net.config.num_key_value_heads
 stage("MetaPruner construction (traces the dependency graph and groups its channels)")
-pruner = tp.pruner.MetaPruner(
-    model, torch.randint(0, 256, (1, length)),
-    importance=tp.importance.MagnitudeImportance(p=2, group_reduction="mean"),
-    pruning_ratio=fraction, ignored_layers=[net.lm_head], num_heads=num_heads,
-    prune_num_heads=True, prune_head_dims=False, head_pruning_ratio=fraction,
-)
+pruner = llama_meta_pruner(model, torch.randint(0, 256, (1, length)), fraction)
 stage("pruner.step()")
 pruner.step()
 stage("done")
@@ -276,7 +295,7 @@ def torch_pruning_llama_attempt(
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         child = subprocess.Popen(
-            [sys.executable, "-c", TP_LLAMA_ATTEMPT, json.dumps(arch), str(length), str(fraction)],
+            [sys.executable, "-c", TP_LLAMA_ATTEMPT, json.dumps(arch), str(length), str(fraction), HERE],
             stdout=out,
             stderr=err,
             env=env,
@@ -377,32 +396,12 @@ def causal_lm_task(quick: bool = False) -> CompareTask:
         Runs only after :func:`torch_pruning_llama_attempt` finished, which it never has with torch-pruning
         1.6.1 and transformers 5.25: this body is not exercised yet.
         """
-        import torch_pruning as tp
-
         first = args.prune_epoch + 1
         trainer(first, [], root, **task.trainer).fit(model, tl, vl)
         model.eval()
-        net: Any = model.net
         example = task.example()
-        num_heads = {}
-        for layer in net.model.layers:
-            attn = layer.self_attn
-            num_heads[attn.q_proj] = net.config.num_attention_heads
-            num_heads[attn.k_proj] = net.config.num_key_value_heads
-            num_heads[attn.v_proj] = net.config.num_key_value_heads
         dense_macs = count_macs(model, example).total
-        pruner = tp.pruner.MetaPruner(
-            model,
-            example,
-            importance=tp.importance.MagnitudeImportance(p=2, group_reduction="mean"),
-            pruning_ratio=0.9,
-            iterative_steps=50,
-            ignored_layers=[net.lm_head],
-            num_heads=num_heads,
-            prune_num_heads=True,
-            prune_head_dims=False,
-            head_pruning_ratio=0.9,
-        )
+        pruner = llama_meta_pruner(model, example, 0.9, iterative_steps=50)
         for _ in range(50):
             pruner.step()
             if count_macs(model, example).total <= (1 - args.fraction) * dense_macs:
