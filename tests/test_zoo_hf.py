@@ -488,3 +488,26 @@ def test_query_heads_of_every_key_value_group_replay_together(name: str) -> None
     fresh.load_state_dict(model.state_dict())
     x = case.inputs()
     torch.testing.assert_close(logits(fresh, x), logits(model, x))
+
+
+@pytest.mark.fit
+@pytest.mark.parametrize("importance", ["taylor", "group_taylor"])
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_gradient_criteria_prune_known_layouts_in_a_fit(name: str, importance: str, tmp_path: Path) -> None:
+    """The gradient criteria score layout groups (heads, key/value groups, FFN, hidden) from their cuts."""
+    pl.seed_everything(0)
+    module = HFModule(name)
+    before = _params(module.net)
+    cb = HierarchicalPruning(
+        target=0.4, importance=importance, start_epoch=0, end_epoch=1, measure_latency=False, verbose=False
+    )
+    data = _samples(_data(BY_NAME[name].model))
+    quiet_trainer(tmp_path, [cb], max_epochs=2, logger=False, limit_val_batches=0).fit(
+        module, DataLoader(data, batch_size=BATCH)
+    )
+    assert cb.records
+    assert cb.records[-1]["removed"] >= 0.35
+    assert _params(module.net) < before
+    assert config_mismatches(module.net) == []
+    assert all(p.grad is None for p in module.parameters())  # the carriers are gone after the events
+    assert all(math.isfinite(v) for v in module.losses)

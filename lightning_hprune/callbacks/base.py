@@ -118,7 +118,7 @@ class PruningCallback(Callback):
             lie beyond the fit's ``max_epochs`` (training in chunks): a resumed fit finishes the schedule.
         every_n_epochs: epochs between events.
         importance: the criterion: an ``Importance`` object, or ``"l1"``, ``"l2"``, ``"taylor"``,
-            ``"activation"``, ``"apoz"``, ``"activation_weighted"``, ``"bn_scale"``, ``"random"`` (see
+            ``"group_taylor"``, ``"activation"``, ``"apoz"``, ``"activation_weighted"``, ``"bn_scale"``, ``"random"`` (see
             ``docs/criteria.md``).
         round_to: kept widths are multiples of this (hardware alignment; 1 disables).
         ignored_layers: module-name glob patterns whose output width must not change. Layers producing the

@@ -411,6 +411,211 @@ class TaylorImportance(Importance):
         self.steps = int(state.get("steps", 0))
 
 
+def _reader_layout(module: nn.Module) -> tuple[int, int] | None:
+    """``(input dimension of the weight, groups)`` of a layer that reads channels, or ``None``.
+
+    Linear layers and ungrouped / depthwise convolutions; Hugging Face's ``Conv1D`` keeps its inputs on
+    dimension 0, as do transposed convolutions. Grouped convolutions that are not depthwise are left out.
+    """
+    w = module._parameters.get("weight") if isinstance(module, nn.Module) else None
+    if not isinstance(w, torch.Tensor) or w.dim() < 2:
+        return None
+    if isinstance(module, nn.Linear):
+        return 1, 1
+    if _linear_like(module):
+        return 0, 1
+    if isinstance(module, nn.modules.conv._ConvNd):
+        groups = int(module.groups)
+        if groups == 1:
+            return (0 if module.transposed else 1), 1
+        if groups == module.in_channels == module.out_channels and not module.transposed:
+            return 0, groups  # depthwise: input channel c is read by the filter of output c alone
+    return None
+
+
+class GroupTaylorImportance(Importance):
+    """Group Taylor importance (Molchanov et al., CVPR 2019): the squared loss change of a channel, per step.
+
+    Removing input channel ``c`` of a layer that reads it changes the loss, to first order, by the sum of
+    ``w * g`` over the weights that read it (the loss gradient at the channel's activation times the
+    activation, summed over the batch and positions). Unlike :class:`TaylorImportance`, which adds
+    ``|w * g|`` element by element, that sum is taken *first* and squared at every optimizer step, so the
+    score of a channel is ``sum over steps of (sum_k w[k, c] * g[k, c])^2``, summed over the layers of the
+    group that read it (and over the channels of a unit such as an attention head): it estimates what
+    removing the whole channel costs, not the size of its weights' updates.
+
+    Between events it keeps one float32 value per input channel of every linear layer and every ungrouped
+    or depthwise convolution (about the width of the layers, not a copy of the model). During an event the
+    values are carried in the weights' ``.grad`` (one value repeated along the input dimension;
+    torch-pruning slices ``.grad`` with the weights), so later rounds of the event score exactly the
+    channels that are left; every ``.grad`` of the model is cleared before and after the event. Channels no
+    tracked layer reads (grouped convolutions, attention products) fall back to weight magnitude. Under
+    DDP the per-process sums are added. Non-finite contributions (a skipped AMP step) are ignored.
+    """
+
+    needs_training_statistics = True
+
+    def __init__(self) -> None:
+        self._acc: dict[str, torch.Tensor] = {}
+        self.steps = 0
+        self._model: nn.Module | None = None
+        self._fallback = MagnitudeImportance(p=2)
+
+    @staticmethod
+    def _readers(model: nn.Module) -> dict[str, tuple[nn.Module, int, int]]:
+        out: dict[str, tuple[nn.Module, int, int]] = {}
+        for name, m in model.named_modules():
+            layout = _reader_layout(m)
+            if layout is not None:
+                out[f"{name}.weight" if name else "weight"] = (m, *layout)
+        return out
+
+    @staticmethod
+    def _per_input(w: torch.Tensor, values: torch.Tensor, dim: int, groups: int) -> torch.Tensor:
+        """``values`` (shaped like ``w``) summed over everything but the input channel: one value per input."""
+        if groups > 1:  # depthwise: the input channel is the filter's row
+            return values.flatten(1).sum(1, dtype=torch.float32)
+        others = [d for d in range(values.dim()) if d != dim]
+        return values.sum(dim=others, dtype=torch.float32)
+
+    @torch.no_grad()
+    def on_before_optimizer_step(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None
+    ) -> None:
+        """Add ``(sum of w * g over each input channel)^2`` of this step."""
+        allowed = None
+        if optimizer is not None:
+            allowed = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        for key, (module, dim, groups) in self._readers(model).items():
+            p = module._parameters["weight"]
+            g = p.grad if p is not None else None
+            if p is None or g is None or g.is_sparse or (allowed is not None and id(p) not in allowed):
+                continue
+            s = self._per_input(p, p.detach() * g.detach(), dim, groups).pow_(2)
+            s = torch.nan_to_num_(s, nan=0.0, posinf=0.0, neginf=0.0)
+            acc = self._acc.get(key)
+            if acc is None or acc.shape != s.shape:
+                self._acc[key] = s
+            else:
+                if acc.device != s.device:  # statistics restored from a checkpoint live on the CPU
+                    acc = self._acc[key] = acc.to(s.device)
+                acc.add_(s)
+        self.steps += 1
+
+    @staticmethod
+    def _width(module: nn.Module, dim: int, groups: int) -> int:
+        w = module._parameters["weight"]
+        assert w is not None
+        return int(w.shape[0] if groups > 1 else w.shape[dim])
+
+    @torch.no_grad()
+    def prepare(
+        self, model: nn.Module, calibration: Sequence[Any] = (), reduce: Reduce | None = None
+    ) -> None:
+        """Sum the statistics over processes and carry them in the readers' ``.grad``.
+
+        Raises:
+            RuntimeError: no optimizer step was seen since the last event.
+
+        """
+        if not self._acc:
+            raise RuntimeError(
+                "GroupTaylorImportance has no gradient statistics: no optimizer step was seen since the last "
+                "pruning event. The pruning callbacks feed it from `on_before_optimizer_step`; when scoring "
+                "by hand, call `importance.on_before_optimizer_step(model)` after each backward pass."
+            )
+        readers = self._readers(model)
+        keys = sorted(
+            k for k, v in self._acc.items() if k in readers and v.numel() == self._width(*readers[k])
+        )
+        if reduce is not None and keys:
+            flat = reduce(torch.cat([self._acc[k].flatten() for k in keys]))
+            offset = 0
+            for k in keys:
+                n = self._acc[k].numel()
+                self._acc[k] = flat[offset : offset + n].clone()
+                offset += n
+        for p in model.parameters():
+            p.grad = None
+        for k in keys:
+            module, dim, groups = readers[k]
+            w = module._parameters["weight"]
+            assert w is not None
+            values = self._acc[k].to(device=w.device, dtype=w.dtype)
+            shape = [1] * w.dim()
+            shape[0 if groups > 1 else dim] = -1
+            w.grad = values.view(shape).expand_as(w).contiguous()
+        self._model = model
+
+    @staticmethod
+    def _carried(module: nn.Module) -> tuple[torch.Tensor, int, int] | None:
+        layout = _reader_layout(module)
+        w = module._parameters.get("weight") if layout is not None else None
+        if layout is None or w is None or w.grad is None or w.grad.shape != w.shape:
+            return None
+        return w.grad, layout[0], layout[1]
+
+    @torch.no_grad()
+    def __call__(self, group: Any) -> torch.Tensor:
+        """Return each channel's accumulated squared loss change, summed over the group's readers."""
+        if self._model is None:
+            raise RuntimeError("GroupTaylorImportance was called before `prepare(model)`.")
+
+        def local(module: nn.Module, handler: Any, idxs: Sequence[int]) -> torch.Tensor | None:
+            if handler not in _IN and handler not in _DEPTHWISE:
+                return None
+            carried = self._carried(module)
+            if carried is None:
+                return None
+            grad, dim, groups = carried
+            per = (
+                grad.flatten(1).float().mean(1)
+                if groups > 1
+                else grad.float().mean(dim=[d for d in range(grad.dim()) if d != dim])
+            )
+            return per[_index(idxs, per.device)]
+
+        scores = reduce_over_group(group, local, how="sum")
+        return scores if scores is not None else self._fallback(group)
+
+    @torch.no_grad()
+    def score_cuts(self, cuts: Sequence[Cut]) -> torch.Tensor:
+        """Each unit's accumulated squared loss change: summed over its channels and the cuts that read them."""
+        if self._model is None:
+            raise RuntimeError("GroupTaylorImportance was called before `prepare(model)`.")
+        parts = []
+        for c in cuts:
+            if c.role != "in" or c.param != "weight":
+                continue
+            carried = self._carried(c.module)
+            if carried is None or carried[2] > 1 or carried[1] != c.dim:
+                continue
+            grad = carried[0]
+            per = c.per_index(grad) / (grad.numel() // grad.shape[c.dim])
+            parts.append(c.units_of(per, reduce="sum"))
+        if not parts:
+            return self._fallback.score_cuts(cuts)
+        return torch.stack(parts).sum(0)
+
+    def reset(self) -> None:
+        """Clear the statistics and the ``.grad`` carriers."""
+        if self._model is not None:
+            for p in self._model.parameters():
+                p.grad = None
+        self._model = None
+        self._acc = {}
+        self.steps = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """The accumulated statistics (CPU copies) and the number of steps."""
+        return {"acc": {k: v.detach().cpu().clone() for k, v in self._acc.items()}, "steps": self.steps}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore statistics saved by :meth:`state_dict`."""
+        self._acc = {str(k): v.clone() for k, v in dict(state.get("acc", {})).items()}
+        self.steps = int(state.get("steps", 0))
+
+
 class ActivationImportance(Importance):
     """Activation statistics of each channel, from forward hooks over calibration batches.
 
@@ -796,6 +1001,7 @@ IMPORTANCES: dict[str, Callable[[], Importance]] = {
     "l2": MagnitudeImportance,
     "random": RandomImportance,
     "taylor": TaylorImportance,
+    "group_taylor": GroupTaylorImportance,
     "activation": ActivationImportance,
     "apoz": lambda: ActivationImportance(statistic="apoz"),
     "activation_weighted": lambda: ActivationImportance(weighted=True),
@@ -806,8 +1012,8 @@ IMPORTANCES: dict[str, Callable[[], Importance]] = {
 def resolve_importance(importance: Importance | str | Mapping[str, Any] | None) -> Importance:
     """Accept an ``Importance`` object, a short name or a ``{"class_path": ..., "init_args": ...}`` mapping.
 
-    Short names: ``"l1"``, ``"l2"``/``"magnitude"``, ``"random"``, ``"taylor"``, ``"activation"``,
-    ``"apoz"``, ``"activation_weighted"``, ``"bn_scale"``.
+    Short names: ``"l1"``, ``"l2"``/``"magnitude"``, ``"random"``, ``"taylor"``, ``"group_taylor"``,
+    ``"activation"``, ``"apoz"``, ``"activation_weighted"``, ``"bn_scale"``.
     """
     if importance is None:
         return MagnitudeImportance(p=2)
