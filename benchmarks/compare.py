@@ -89,6 +89,7 @@ METHODS = (
     "ModelPruning l1_unstructured",
     "ModelPruning ln_structured",
     "Torch-Pruning loop",
+    "Torch-Pruning iterative",
     "HierarchicalPruning defaults",
 )
 
@@ -109,6 +110,8 @@ class CompareTask:
         epochs: default ``--epochs``.
         prune_epoch: default ``--prune-epoch``.
         tp_loop: the Torch-Pruning loop ``(model, args, root, train, val)``.
+        tp_iterative: ``(model, args) ->`` the callback that steps Torch-Pruning's iterative pruner during the
+            fit (``None``: not available on this task).
         tp_probe: ``args ->`` ``None`` when a bounded attempt of the Torch-Pruning loop's pruner finished, else
             the measured reason it is not possible; ``None``: the loop is run without an attempt first.
         trainer: extra ``Trainer`` arguments of every fit.
@@ -128,6 +131,7 @@ class CompareTask:
     epochs: int
     prune_epoch: int
     tp_loop: Callable[[pl.LightningModule, argparse.Namespace, str, DataLoader, DataLoader], None]
+    tp_iterative: Callable[[pl.LightningModule, argparse.Namespace], pl.Callback] | None = None
     tp_probe: Callable[[argparse.Namespace], dict[str, Any] | None] | None = None
     trainer: dict[str, Any] = field(default_factory=dict)
     hp: dict[str, Any] = field(default_factory=dict)
@@ -195,6 +199,87 @@ def mnist_tp_loop(
     trainer(args.epochs - first, [], root + "/ft").fit(model, tl, vl)
 
 
+class IterativeMetaPruning(pl.Callback):
+    """Torch-Pruning's iterative ``MetaPruner`` stepped during the fit, written the way a user would by hand.
+
+    At the start of the fit it finds, on a copy of the model, the per-layer pruning ratio whose one-shot
+    ``MetaPruner`` (L2 magnitude, local) leaves at most ``1 - fraction`` of the MACs (bisection), then builds
+    the real pruner with ``iterative_steps=len(epochs)`` (Torch-Pruning's linear ratio schedule) and puts the
+    model back in training mode (building its graph calls ``model.eval()``). At the end of each epoch of
+    ``epochs`` it takes one step; the pruned layers have new parameters, so the optimizer and its schedule are
+    set up again (``trainer.strategy.setup_optimizers``; the optimizer's moments are lost, the learning-rate
+    schedule is advanced to the current epoch).
+
+    Args:
+        example: one input for the graph and the MACs.
+        fraction: MACs to remove by the last step.
+        epochs: the epochs at whose end the pruner steps.
+        ignored: the output layer(s), never pruned.
+
+    """
+
+    def __init__(
+        self,
+        example: Any,
+        fraction: float,
+        epochs: list[int],
+        ignored: Callable[[torch.nn.Module], list[Any]],
+    ) -> None:
+        self.example, self.fraction, self.epochs, self.ignored = example, fraction, epochs, ignored
+        self.pruner: Any = None
+        self.ratio = 0.0
+
+    def _pruner(self, model: torch.nn.Module, ratio: float, steps: int) -> Any:
+        import torch_pruning as tp
+
+        return tp.pruner.MetaPruner(
+            model,
+            self.example,
+            importance=tp.importance.MagnitudeImportance(p=2),
+            pruning_ratio=ratio,
+            iterative_steps=steps,
+            ignored_layers=self.ignored(model),
+        )
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        import copy
+
+        dense = count_macs(pl_module, self.example).total
+        lo, hi = 0.0, 0.95
+        for _ in range(12):
+            mid = (lo + hi) / 2
+            probe = copy.deepcopy(pl_module)
+            self._pruner(probe, mid, 1).step()
+            if count_macs(probe, self.example).total <= (1 - self.fraction) * dense:
+                hi = mid
+            else:
+                lo = mid
+        self.ratio = hi
+        self.pruner = self._pruner(pl_module, hi, len(self.epochs))
+        pl_module.train()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch not in self.epochs:
+            return
+        was = pl_module.training
+        self.pruner.step()
+        pl_module.train(was)
+        trainer.strategy.setup_optimizers(trainer)
+        for config in trainer.strategy.lr_scheduler_configs:
+            for _ in range(trainer.current_epoch + 1):
+                config.scheduler.step()
+
+
+def mnist_tp_iterative(model: pl.LightningModule, args: argparse.Namespace) -> pl.Callback:
+    """The iterative pruner at the end of the same epochs as ``HierarchicalPruning``'s events (0 to epochs // 2)."""
+    return IterativeMetaPruning(
+        torch.zeros(1, 1, 28, 28),
+        args.fraction,
+        list(range(args.epochs // 2 + 1)),
+        lambda m: [m.classifier[-1]],  # type: ignore[index]
+    )
+
+
 def mnist_task(quick: bool = False) -> CompareTask:
     """``mnist`` (``quick``: 256 training / 128 validation images, 2 epochs)."""
 
@@ -222,6 +307,7 @@ def mnist_task(quick: bool = False) -> CompareTask:
         epochs=2 if quick else 4,
         prune_epoch=0 if quick else 1,
         tp_loop=mnist_tp_loop,
+        tp_iterative=mnist_tp_iterative,
         quick=None if quick else lambda: mnist_task(quick=True),
     )
 
@@ -490,6 +576,9 @@ def run_method(
         trainer(args.epochs, [cb], root, **task.trainer).fit(model, tl, vl)
     elif method == "Torch-Pruning loop":
         task.tp_loop(model, args, root, tl, vl)
+    elif method == "Torch-Pruning iterative":
+        assert task.tp_iterative is not None
+        trainer(args.epochs, [task.tp_iterative(model, args)], root, **task.trainer).fit(model, tl, vl)
     elif method == "HierarchicalPruning defaults":
         ours = HierarchicalPruning(target=args.fraction, monitor=task.metric, verbose=False, **task.hp)
         trainer(args.epochs, [ours], root, **task.trainer).fit(model, tl, vl)
@@ -577,15 +666,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         return attempt
     args.out = args.out or default_out(args.task, args.quick)
     not_possible: dict[str, dict[str, Any]] = {}
-    if "Torch-Pruning loop" in args.methods and task.tp_probe is not None:
+    torch_pruning = [m for m in args.methods if m.startswith("Torch-Pruning")]
+    if torch_pruning and task.tp_probe is not None:
         probe = task.tp_probe(args)
-        if probe is not None:
-            not_possible["Torch-Pruning loop"] = probe
-            print(f"Torch-Pruning loop: {probe['status']}", flush=True)
+        if probe is not None:  # both Torch-Pruning methods build the same MetaPruner first
+            for method in torch_pruning:
+                not_possible[method] = probe
+            print(f"Torch-Pruning: {probe['status']}", flush=True)
     rows: list[dict[str, Any]] = []
     for seed in args.seeds:
         models: dict[str, torch.nn.Module] = {}
         for method in ["dense", *[m for m in args.methods if m != "dense"]]:
+            if (
+                method == "Torch-Pruning iterative"
+                and task.tp_iterative is None
+                and method not in not_possible
+            ):
+                not_possible[method] = {"status": "not available on this task"}
             if method in not_possible:
                 rows.append({"seed": seed, "method": method, **not_possible[method]})
                 continue
