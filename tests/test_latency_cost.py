@@ -122,6 +122,44 @@ def test_a_level_prunes_to_a_latency_target(monkeypatch: pytest.MonkeyPatch) -> 
     assert cost.timings == timings
 
 
+def test_flat_stretches_of_a_table_do_not_make_channels_free(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A staircase (a GPU's, or timing noise flattened by the monotone fit) has zero local slope at the dense
+    widths; a channel must still count for the table's average slope, or one round removes far past the target."""
+
+    def staircase_ms(
+        self: LatencyCost, module: nn.Module, shape: tuple[int, ...], c_in: int, c_out: int
+    ) -> float:
+        self.timings += 1
+        area = math.prod(shape[2:]) if isinstance(module, nn.Conv2d) else 1
+        step = 32
+        return 0.05 + 1e-5 * math.ceil(c_in / step) * step * math.ceil(c_out / step) * step * area
+
+    monkeypatch.setattr(LatencyCost, "_time", staircase_ms)
+    torch.manual_seed(0)
+    model = TinyCNN(widths=(32, 64, 64), size=16)
+    example = torch.zeros(1, 3, 16, 16)
+    cost = LatencyCost(batch_size=16, warmup=1, repeats=3)
+    cost.measure(model, example)
+    name = "features.3"  # 32 -> 64 channels, 3x3
+    key, module = cost._layers[name]
+    table = cost.tables[key]
+    c_in, c_out = module.in_channels, module.out_channels
+    assert table(c_in, c_out) == table(c_in, c_out - 1)  # flat at the dense width
+    assert cost.per_unit_of_layer(module, name, c_out, {}) > 0  # ... yet a channel is not free
+    session = PruningSession(
+        [GlobalLevel()],
+        target=0.3,
+        cost=cost,
+        schedule=EventSchedule(0, 0),
+        round_to=4,
+        measure_latency=False,
+    )
+    session.use_example_input(example)
+    plan = session.plan(model)
+    record, _ = session.record(model, plan, session.execute(model, plan), epoch=0, step=0)
+    assert 0.3 - 0.02 <= record.removed <= 0.3 + 0.1  # of the estimated latency: a staircase is coarse
+
+
 @pytest.mark.fit
 def test_fit_builds_the_table_at_the_training_batch_caches_it_and_a_resume_does_not_measure(
     tmp_path: Path,

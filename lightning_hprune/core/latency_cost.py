@@ -358,7 +358,14 @@ class LatencyCost(Cost):
         return out
 
     def _slope(self, name: str, dim: str) -> float | None:
-        """What one channel less along ``dim`` (``"in"``/``"out"``) saves in layer ``name`` (ms)."""
+        """What one channel less along ``dim`` (``"in"``/``"out"``) saves in layer ``name`` (ms).
+
+        The table's local slope at the layer's widths, but never less than its average slope over the measured
+        range of that width (the chord): timing noise, flattened by the non-decreasing fit, and a GPU's
+        staircase leave stretches where the local slope is zero, and a channel that looks free would be
+        removed in bulk, far past the target (an event cannot take back what it removed; saving less than
+        predicted only costs another round).
+        """
         found = self._layers.get(name)
         if found is None:
             return None
@@ -366,10 +373,18 @@ class LatencyCost(Cost):
         table = self.tables[key]
         c_in, c_out = _widths(module)
         if table.depthwise:
-            return table(c_in, c_out) - table(c_in - 1, c_out - 1)
-        if dim == "out":
-            return table(c_in, c_out) - table(c_in, c_out - 1)
-        return table(c_in, c_out) - table(c_in - 1, c_out)
+            local = table(c_in, c_out) - table(c_in - 1, c_out - 1)
+            lo, hi = table.outs[0], table.outs[-1]
+            chord = (table(hi, hi) - table(lo, lo)) / (hi - lo) if hi > lo else 0.0
+        elif dim == "out":
+            local = table(c_in, c_out) - table(c_in, c_out - 1)
+            lo, hi = table.outs[0], table.outs[-1]
+            chord = (table(c_in, hi) - table(c_in, lo)) / (hi - lo) if hi > lo else 0.0
+        else:
+            local = table(c_in, c_out) - table(c_in - 1, c_out)
+            lo, hi = table.ins[0], table.ins[-1]
+            chord = (table(hi, c_out) - table(lo, c_out)) / (hi - lo) if hi > lo else 0.0
+        return max(local, chord)
 
     def per_unit_of_layer(
         self, module: nn.Module, name: str, width: int, costs: Mapping[str, float]
