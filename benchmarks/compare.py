@@ -199,63 +199,54 @@ def mnist_tp_loop(
     trainer(args.epochs - first, [], root + "/ft").fit(model, tl, vl)
 
 
+#: ``(model, ratio, iterative steps) ->`` a Torch-Pruning ``MetaPruner`` of that model.
+MakePruner = Callable[[torch.nn.Module, float, int], Any]
+
+
+def search_ratio(model: torch.nn.Module, example: Any, fraction: float, make: MakePruner) -> float:
+    """The smallest pruning ratio whose one-shot pruner leaves at most ``1 - fraction`` of the MACs (on copies)."""
+    import copy
+
+    dense = count_macs(model, example).total
+    lo, hi = 0.0, 0.95
+    for _ in range(12):
+        mid = (lo + hi) / 2
+        probe = copy.deepcopy(model)
+        make(probe, mid, 1).step()
+        if count_macs(probe, example).total <= (1 - fraction) * dense:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
 class IterativeMetaPruning(pl.Callback):
     """Torch-Pruning's iterative ``MetaPruner`` stepped during the fit, written the way a user would by hand.
 
-    At the start of the fit it finds, on a copy of the model, the per-layer pruning ratio whose one-shot
-    ``MetaPruner`` (L2 magnitude, local) leaves at most ``1 - fraction`` of the MACs (bisection), then builds
-    the real pruner with ``iterative_steps=len(epochs)`` (Torch-Pruning's linear ratio schedule) and puts the
-    model back in training mode (building its graph calls ``model.eval()``). At the end of each epoch of
-    ``epochs`` it takes one step; the pruned layers have new parameters, so the optimizer and its schedule are
-    set up again (``trainer.strategy.setup_optimizers``; the optimizer's moments are lost, the learning-rate
-    schedule is advanced to the current epoch).
+    At the start of the fit it finds, on copies of the model, the pruning ratio whose one-shot pruner leaves at
+    most ``1 - fraction`` of the MACs (:func:`search_ratio`), then builds the real pruner with
+    ``iterative_steps=len(epochs)`` (Torch-Pruning's linear ratio schedule) and puts the model back in training
+    mode (building its graph calls ``model.eval()``). At the end of each epoch of ``epochs`` it takes one step;
+    the pruned layers have new parameters, so the optimizer and its schedule are set up again
+    (``trainer.strategy.setup_optimizers``; the optimizer's moments are lost, the learning-rate schedule is
+    advanced to the current epoch).
 
     Args:
         example: one input for the graph and the MACs.
         fraction: MACs to remove by the last step.
         epochs: the epochs at whose end the pruner steps.
-        ignored: the output layer(s), never pruned.
+        make: builds the task's ``MetaPruner`` (importance, ignored layers, heads).
 
     """
 
-    def __init__(
-        self,
-        example: Any,
-        fraction: float,
-        epochs: list[int],
-        ignored: Callable[[torch.nn.Module], list[Any]],
-    ) -> None:
-        self.example, self.fraction, self.epochs, self.ignored = example, fraction, epochs, ignored
+    def __init__(self, example: Any, fraction: float, epochs: list[int], make: MakePruner) -> None:
+        self.example, self.fraction, self.epochs, self.make = example, fraction, epochs, make
         self.pruner: Any = None
         self.ratio = 0.0
 
-    def _pruner(self, model: torch.nn.Module, ratio: float, steps: int) -> Any:
-        import torch_pruning as tp
-
-        return tp.pruner.MetaPruner(
-            model,
-            self.example,
-            importance=tp.importance.MagnitudeImportance(p=2),
-            pruning_ratio=ratio,
-            iterative_steps=steps,
-            ignored_layers=self.ignored(model),
-        )
-
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        import copy
-
-        dense = count_macs(pl_module, self.example).total
-        lo, hi = 0.0, 0.95
-        for _ in range(12):
-            mid = (lo + hi) / 2
-            probe = copy.deepcopy(pl_module)
-            self._pruner(probe, mid, 1).step()
-            if count_macs(probe, self.example).total <= (1 - self.fraction) * dense:
-                hi = mid
-            else:
-                lo = mid
-        self.ratio = hi
-        self.pruner = self._pruner(pl_module, hi, len(self.epochs))
+        self.ratio = search_ratio(pl_module, self.example, self.fraction, self.make)
+        self.pruner = self.make(pl_module, self.ratio, len(self.epochs))
         pl_module.train()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -270,13 +261,24 @@ class IterativeMetaPruning(pl.Callback):
                 config.scheduler.step()
 
 
+def mnist_pruner(model: torch.nn.Module, ratio: float, steps: int) -> Any:
+    """The CNN's ``MetaPruner``: L2 magnitude, local, the output layer ignored."""
+    import torch_pruning as tp
+
+    return tp.pruner.MetaPruner(
+        model,
+        torch.zeros(1, 1, 28, 28),
+        importance=tp.importance.MagnitudeImportance(p=2),
+        pruning_ratio=ratio,
+        iterative_steps=steps,
+        ignored_layers=[model.classifier[-1]],  # type: ignore[index]
+    )
+
+
 def mnist_tp_iterative(model: pl.LightningModule, args: argparse.Namespace) -> pl.Callback:
     """The iterative pruner at the end of the same epochs as ``HierarchicalPruning``'s events (0 to epochs // 2)."""
     return IterativeMetaPruning(
-        torch.zeros(1, 1, 28, 28),
-        args.fraction,
-        list(range(args.epochs // 2 + 1)),
-        lambda m: [m.classifier[-1]],  # type: ignore[index]
+        torch.zeros(1, 1, 28, 28), args.fraction, list(range(args.epochs // 2 + 1)), mnist_pruner
     )
 
 
@@ -516,13 +518,115 @@ def causal_lm_task(quick: bool = False) -> CompareTask:
     return task
 
 
+# ---------------------------------------------------------------------- text
+TEXT = {"limit": 800, "max_length": 64, "batch_size": 32}
+TEXT_QUICK = {"limit": 64, "val_limit": 64, "max_length": 16, "batch_size": 16}
+
+
+def minilm_pruner(model: torch.nn.Module, ratio: float, steps: int, example: Any) -> Any:
+    """Torch-Pruning's BERT recipe for the MiniLM classifier: heads declared on query/key/value, whole heads
+    pruned at ``ratio`` (never head dimensions), hidden and FFN widths at ``ratio``, the classifier ignored."""
+    import torch_pruning as tp
+
+    net: Any = model.net  # type: ignore[attr-defined]
+    num_heads = {}
+    for layer in net.bert.encoder.layer:
+        attn = layer.attention.self
+        for proj in (attn.query, attn.key, attn.value):
+            num_heads[proj] = net.config.num_attention_heads
+    return tp.pruner.MetaPruner(
+        model,
+        example,
+        importance=tp.importance.MagnitudeImportance(p=2),
+        pruning_ratio=ratio,
+        iterative_steps=steps,
+        ignored_layers=[net.classifier],
+        num_heads=num_heads,
+        prune_num_heads=True,
+        prune_head_dims=False,
+        head_pruning_ratio=ratio,
+    )
+
+
+def text_task(quick: bool = False) -> CompareTask:
+    """``text``: the MiniLM docstring classifier of ``examples/text_classifier.py`` on fewer docstrings.
+
+    800 training docstrings (every n-th of the fixed split; ``quick``: 64), the whole validation split (830;
+    ``quick``: 64), 64 tokens (``quick``: 16), batch 32; the bundled pre-trained all-MiniLM-L6-v2 and a new
+    classification head, AdamW at 1e-4.
+    """
+    from lightning_hprune.examples.text import DocstringDataModule, MiniLMClassifier
+
+    settings = TEXT_QUICK if quick else TEXT
+    length = int(settings["max_length"])
+    module = DocstringDataModule(**settings)
+    module.setup()
+    assert module.val_set is not None
+    val_loader = module.val_dataloader()
+    example = (torch.full((1, length), 1000, dtype=torch.long), torch.ones(1, length, dtype=torch.long))
+
+    def data(seed: int) -> tuple[DataLoader, DataLoader]:
+        return module.train_dataloader(), val_loader
+
+    @torch.no_grad()
+    def evaluate(model: torch.nn.Module) -> float:
+        model.eval()
+        correct = total = 0
+        for ids, mask, y in val_loader:
+            correct += int((model(ids, mask).argmax(-1) == y).sum())
+            total += len(y)
+        return correct / total
+
+    def make(model: torch.nn.Module, ratio: float, steps: int) -> Any:
+        return minilm_pruner(model, ratio, steps, example)
+
+    def tp_loop(
+        model: pl.LightningModule, args: argparse.Namespace, root: str, tl: DataLoader, vl: DataLoader
+    ) -> None:
+        """Torch-Pruning's BERT example as a loop: train, ``MetaPruner`` steps to the MACs, new optimizer, fine-tune."""
+        first = args.prune_epoch + 1
+        trainer(first, [], root).fit(model, tl, vl)
+        model.eval()
+        dense_macs = count_macs(model, example).total
+        pruner = make(model, 0.9, 50)
+        for _ in range(50):
+            pruner.step()
+            if count_macs(model, example).total <= (1 - args.fraction) * dense_macs:
+                break
+        model.train()
+        trainer(args.epochs - first, [], root + "/ft").fit(model, tl, vl)
+
+    def tp_iterative(model: pl.LightningModule, args: argparse.Namespace) -> pl.Callback:
+        return IterativeMetaPruning(example, args.fraction, list(range(args.epochs // 2 + 1)), make)
+
+    return CompareTask(
+        name="text",
+        metric="val_acc",
+        mode="max",
+        new_model=lambda: MiniLMClassifier(lr=1e-4, max_length=length),
+        data=data,
+        evaluate=evaluate,
+        example=lambda: example,
+        latency_batch=32,
+        epochs=2 if quick else 4,
+        prune_epoch=0 if quick else 1,
+        tp_loop=tp_loop,
+        tp_iterative=tp_iterative,
+        quick=None if quick else lambda: text_task(quick=True),
+    )
+
+
 def _version(package: str) -> str:
     from importlib.metadata import version
 
     return version(package.replace("_", "-"))
 
 
-TASKS: dict[str, Callable[[], CompareTask]] = {"mnist": mnist_task, "causal_lm": causal_lm_task}
+TASKS: dict[str, Callable[[], CompareTask]] = {
+    "mnist": mnist_task,
+    "causal_lm": causal_lm_task,
+    "text": text_task,
+}
 
 
 # ---------------------------------------------------------------------- running

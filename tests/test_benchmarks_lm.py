@@ -96,3 +96,20 @@ def test_compare_benchmark_mnist_quick_runs_torch_prunings_iterative_pruner(tmp_
     assert iterative["macs"] <= 0.5 * dense["macs"]
     assert iterative["macs"] >= 0.4 * dense["macs"]  # the ratio was searched for the target, not overshot
     assert math.isfinite(iterative["latency_ratio"])
+
+
+def test_compare_benchmark_text_quick_prunes_minilm_with_every_method(tmp_path):
+    """The text task: Torch-Pruning's BERT recipe runs on MiniLM (loop and iterative), ours prunes it too."""
+    from benchmarks.compare import METHODS, main
+
+    path = tmp_path / "compare.json"
+    out = _keep_threads(main, ["--task", "text", "--quick", "--seeds", "0", "--out", str(path)])
+    rows = {r["method"]: r for r in out["rows"]}
+    assert list(rows) == list(METHODS)
+    dense = rows["dense"]
+    for method in ("Torch-Pruning loop", "Torch-Pruning iterative", "HierarchicalPruning defaults"):
+        assert "status" not in rows[method], rows[method]
+        assert rows[method]["params"] < dense["params"]
+        assert rows[method]["macs"] <= 0.51 * dense["macs"]
+        assert 0.0 <= rows[method]["val_acc"] <= 1.0
+    assert rows["ModelPruning l1_unstructured"]["params"] == dense["params"]
