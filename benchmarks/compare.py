@@ -683,8 +683,11 @@ def run_method(
     elif method == "Torch-Pruning iterative":
         assert task.tp_iterative is not None
         trainer(args.epochs, [task.tp_iterative(model, args)], root, **task.trainer).fit(model, tl, vl)
-    elif method == "HierarchicalPruning defaults":
-        ours = HierarchicalPruning(target=args.fraction, monitor=task.metric, verbose=False, **task.hp)
+    elif method == "HierarchicalPruning defaults" or method in args.variants:
+        extra = args.variants.get(method, {})
+        ours = HierarchicalPruning(
+            target=args.fraction, monitor=task.metric, verbose=False, **{**task.hp, **extra}
+        )
         trainer(args.epochs, [ours], root, **task.trainer).fit(model, tl, vl)
     else:  # pragma: no cover
         raise ValueError(method)
@@ -719,6 +722,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     parser.add_argument("--prune-epoch", type=int, help="default: the task's (1)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="LABEL=JSON",
+        help="also run HierarchicalPruning with these arguments (JSON; levels as class_path specs), as the row "
+        "'HierarchicalPruning LABEL'; repeat for several",
+    )
+    parser.add_argument(
         "--tp-timeout",
         type=float,
         default=300.0,
@@ -735,6 +746,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     )
     parser.add_argument("--table", help="reprint the table of a saved run")
     args = parser.parse_args(argv)
+    args.variants = {}
+    for spec in args.variant:
+        label, sep, raw = spec.partition("=")
+        try:
+            kwargs = json.loads(raw) if sep else None
+        except ValueError:
+            kwargs = None
+        if not label or not isinstance(kwargs, dict):
+            raise SystemExit(f"Expected --variant LABEL=JSON with a JSON object, but got {spec!r}.")
+        args.variants[f"HierarchicalPruning {label}"] = kwargs
     if args.table:
         print(table(json.loads(Path(args.table).read_text())))
         return None
@@ -780,7 +801,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     rows: list[dict[str, Any]] = []
     for seed in args.seeds:
         models: dict[str, torch.nn.Module] = {}
-        for method in ["dense", *[m for m in args.methods if m != "dense"]]:
+        for method in ["dense", *[m for m in args.methods if m != "dense"], *args.variants]:
             if (
                 method == "Torch-Pruning iterative"
                 and task.tp_iterative is None
@@ -829,6 +850,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         "epochs": args.epochs,
         "fraction": args.fraction,
         "prune_epoch": args.prune_epoch,
+        "variants": args.variants,
         "rows": rows,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
