@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
+
+import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
@@ -126,3 +129,55 @@ def test_a_batch_of_another_form_than_the_example_input_is_not_kept_for_calibrat
     assert calibration_from_batch((x, x[:, 0]), (x[:1], m[:1])) is None  # a label, not a second input
     assert calibration_from_batch(batch, ({"input_ids": x[:1]},)) == ({"input_ids": x},)
     assert calibration_from_batch((x, m), x[:1]) is x  # a tensor example: the documented rule
+    # one keyword argument (`forward(input_ids)` with `example_input_array = {"input_ids": ...}`) and batches of
+    # bare token ids: the tensor is that argument, when dtype and dimensions agree
+    assert calibration_from_batch(x, {"input_ids": x[:1]})["input_ids"] is x
+    assert calibration_from_batch((x, m), {"input_ids": x[:1]})["input_ids"] is x
+    assert calibration_from_batch(x.float(), {"input_ids": x[:1]}) is None
+    assert calibration_from_batch(x[0], {"input_ids": x[:1]}) is None
+
+
+class OnlyKeyword(pl.LightningModule):
+    """`forward(*, input_ids)` called with a one-key `example_input_array`; batches are bare tensors of ids."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(16, 16)
+        self.net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16))
+        self.example_input_array = {"input_ids": torch.zeros(1, 6, dtype=torch.long)}
+        self.seen: list[int] = []
+
+    def forward(self, *, input_ids: torch.Tensor) -> torch.Tensor:
+        self.seen.append(int(input_ids.shape[0]))
+        return self.net(self.emb(input_ids))
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        logits = self(input_ids=batch)
+        return F.cross_entropy(logits.reshape(-1, 16), batch.reshape(-1))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_activation_criteria_take_tensor_batches_for_a_one_keyword_example_input(tmp_path):
+    """The causal LM's form (bare tensor batches, `{"input_ids": ...}` example): calibration is kept, no failure."""
+    ids = torch.randint(0, 16, (16, 6), generator=torch.Generator().manual_seed(0))
+    model = OnlyKeyword()
+    cb = HierarchicalPruning(
+        target=0.3,
+        importance="activation",
+        start_epoch=0,
+        end_epoch=0,
+        measure_latency=False,
+        verbose=False,
+        round_to=1,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no "scores from the example input alone" fallback
+        warnings.filterwarnings("ignore", message=".*(num_workers|does not have many workers|log_every_n).*")
+        trainer(tmp_path, [cb], max_epochs=1).fit(model, DataLoader(ids, batch_size=4))
+    assert cb.event_index == 1
+    assert cb.records[-1]["removed"] > 0.25
+    assert (
+        4 in model.seen[-3:]
+    )  # the event ran kept training batches (batch 4), not only the 1-sample example

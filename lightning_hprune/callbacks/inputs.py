@@ -39,7 +39,9 @@ def calibration_from_batch(batch: Any, example: Any) -> Any:
     its form:
 
     * a tensor example input (or none yet): the documented rule, :func:`model_input_from_batch`;
-    * a dict of keyword arguments: those keys of a dict batch;
+    * a dict of keyword arguments: those keys of a dict batch; with a single key (``{"input_ids": ...}``), also
+      the tensor the documented rule finds in any other batch (a bare tensor of token ids, a tuple's first
+      element), when it has the example's dtype and number of dimensions;
     * a tuple of positional arguments: the first ``len(example)`` elements of a tuple/list batch, when they
       are tensors of the example's dtypes and numbers of dimensions; a 1-tuple holding a dict (``forward``
       takes the dict whole): that dict's keys of a dict batch, as a 1-tuple.
@@ -52,6 +54,15 @@ def calibration_from_batch(batch: Any, example: Any) -> Any:
     if isinstance(example, Mapping):
         if isinstance(batch, Mapping) and example and all(k in batch for k in example):
             return {k: batch[k] for k in example}
+        if len(example) == 1 and not isinstance(batch, Mapping):
+            [(key, want)] = example.items()
+            got = model_input_from_batch(batch)
+            if (
+                isinstance(want, torch.Tensor)
+                and got is not None
+                and (got.dtype, got.dim()) == (want.dtype, want.dim())
+            ):
+                return {key: got}
         return None
     if isinstance(example, tuple) and example:
         if len(example) == 1 and isinstance(example[0], Mapping):

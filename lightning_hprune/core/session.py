@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -281,6 +282,7 @@ class PruningSession:
         #: The monitored metric per validation and the kept widths per event (for the report).
         self.timeline = RunTimeline()
         self.example_input: Any = None
+        self._warned_calibration = False
         #: ``{group name: metric drop}`` from the sensitivity analysis, once it ran.
         self.sensitivity_drops: dict[str, float] | None = None
         self._graph: PruningGraph | None = None
@@ -614,6 +616,18 @@ class PruningSession:
                 Snapshot(model, optimizers, parts=[self.ledger, self.importance, self.calibration], copy=True)
             )
         batches = list(self.calibration.batches)
+        if not batches and self.importance.needs_calibration and self.example_input is not None:
+            # no training batch had the example input's form (see `calibration_from_batch`): one sample
+            # of statistics is better than an event that fails
+            if not self._warned_calibration:
+                self._warned_calibration = True
+                warnings.warn(
+                    f"{self.importance!r} scores from calibration batches, but no training batch had the form of "
+                    "the model's example input, so it scores from the example input alone (one sample). Make "
+                    "the batches' model input match `example_input_array` (see docs/criteria.md).",
+                    stacklevel=2,
+                )
+            batches = [self.example_input]
         self.importance.prepare(model, batches, reduce)
         try:
             with preserved_modes(model):
