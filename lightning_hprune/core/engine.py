@@ -76,7 +76,7 @@ def prune_level(
 
     ``floor_cost`` (the event's overall target) and ``final_cost`` (the whole run's final target) bound how
     far past ``target_cost`` a level that rounds to whole modules may go (``ctx.slack`` and
-    ``ctx.final_slack``); a level never gets a bound below the final target.
+    ``ctx.final_slack``); neither lets a level go past the final target.
 
     Each round asks the level for a plan whose predicted saving closes the gap, applies it and measures the
     exact cost again. It stops early when the level finds nothing more to remove (every group at its cap, no
