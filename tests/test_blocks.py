@@ -267,6 +267,41 @@ def test_block_level_params_cost():
     assert count_params(model) == dense - block
 
 
+def test_block_level_may_pass_the_event_target_but_never_the_final_one():
+    """A block bigger than the event's slack goes when the run's final target leaves room for it, else not."""
+    block = 2 * 16 * 16 * 9 * 64  # every candidate block of TinyResNet costs this many MACs
+
+    def run(final_blocks):
+        model = TinyResNet()
+        x = model.example_input_array
+        dense = measure_cost(model, x, "macs")
+        graph = PruningGraph(model, x)
+        result, _ = prune_level(
+            graph,
+            BlockLevel(max_blocks=4),
+            MagnitudeImportance(),
+            "macs",
+            dense - 0.6 * block,  # the level's budget: 0.6 block, nearest whole block: 1
+            {},
+            8,
+            0.0,
+            calibration=calibration(),
+            floor_cost=dense - 0.7 * block,  # the event's target: 0.1 block past the budget, less than 0.4
+            final_cost=None if final_blocks is None else dense - final_blocks * block,
+        )
+        return dense - measure_cost(model, x, "macs"), result
+
+    saved, result = run(None)  # no final target given: the event's target bounds it, as before
+    assert saved == 0
+    assert result.blocks == []
+    saved, result = run(0.8)  # the final target is 0.2 block past the budget: still too close
+    assert saved == 0
+    assert result.blocks == []
+    saved, result = run(2.0)  # room for the whole block before the final target: it goes, one only
+    assert saved == block
+    assert len(result.blocks) == 1
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -318,3 +353,31 @@ def test_block_pruning_callback_removes_blocks_during_fit_and_reloads(tmp_path):
     x = torch.randn(4, 3, 8, 8)
     model.eval()
     assert torch.allclose(loaded(x), model(x), atol=1e-5)
+
+
+@pytest.mark.fit
+def test_default_hierarchy_at_half_removes_a_layer_and_heads_of_a_small_vit_within_the_target(tmp_path):
+    """`HierarchicalPruning(target=0.5)` on a 4-layer ViT (one layer ~25 % of the MACs, more than the finer
+    level's share of any one event): a whole layer goes, heads too, and no step passes the final target."""
+    pytest.importorskip("timm")
+    from lightning_hprune import HierarchicalPruning
+    from lightning_hprune.examples.digits import DigitsDataModule, DigitsViT
+
+    pl.seed_everything(0)
+    cb = HierarchicalPruning(
+        target=0.5, start_epoch=1, end_epoch=5, round_to=8, measure_latency=False, verbose=False
+    )
+    model = DigitsViT(embed_dim=128, depth=4, num_heads=4, mlp_ratio=2.0)  # examples/hierarchy_vit.yaml's
+    trainer(tmp_path, [cb], max_epochs=7, limit_train_batches=4, limit_val_batches=1).fit(
+        model, DigitsDataModule(limit=256)
+    )
+    levels = cb.summary["structure"]["levels"]
+    assert len(levels["block"]["blocks_removed"]) >= 1, cb.records
+    assert all(b.startswith("vit.blocks.") for b in levels["block"]["blocks_removed"])
+    assert levels["global"]["heads_removed"] >= 1
+    # Never past the final target, except the last step's rounding to one closing unit (a minimum).
+    final = cb.session.ledger.dense("macs") * 0.5
+    steps = [lv for r in cb.session.ledger.records for lv in r.levels]
+    assert all(lv.cost_after >= final for lv in steps[:-1])
+    assert 0.5 <= cb.summary["achieved"] <= 0.55
+    assert model(torch.zeros(2, 1, 16, 16)).shape == (2, 10)

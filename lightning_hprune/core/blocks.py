@@ -262,12 +262,15 @@ class BlockLevel(ModuleLevel):
 
     Candidates are found by :func:`find_blocks` and scored by :func:`block_scores` on the calibration
     inputs the callback keeps (the example input when there are none). Blocks go lowest score first; a
-    block is removed when its cost fits in what remains of the level's budget, or overshoots it by less than
-    what it closes while staying within the event's overall target (``ctx.slack``: the level rounds to the
-    nearest whole block and the finer levels remove less), when its score is at most ``max_score`` (if set),
-    and while fewer than ``max_blocks`` blocks have been removed in total.
+    block is removed when its cost fits in what remains of the level's budget, or overshoots it by at most
+    what it closes (the level rounds to the nearest whole block) while the model stays within the whole
+    run's final target (``ctx.final_slack``: the finer levels remove that much less, at this event and the
+    later ones), when its score is at most ``max_score`` (if set), and while fewer than ``max_blocks`` blocks
+    have been removed in total.
     With a cumulative budget (see :func:`~lightning_hprune.core.engine.plan_steps`), a block that does not
-    fit at one event may fit at a later one.
+    fit at one event may fit at a later one: a block is coarse (one layer of a 4-layer ViT is about 25 % of
+    its MACs), the level's cumulative budget grows event by event, and the block is taken at the first event
+    where it rounds to one, even when the finer levels' share of that event is smaller than its overshoot.
 
     Args:
         max_blocks: most blocks removed over the whole run (default: half of the candidate blocks).
@@ -331,14 +334,15 @@ class BlockLevel(ModuleLevel):
         scores, refused = block_scores(ctx.model, names, inputs, self.metric, ctx.example_inputs)
         costs = ctx.cost_of_modules(list(scores))
         chosen: list[str] = []
-        left, slack = budget, ctx.slack
+        left, slack = budget, ctx.final_slack
         for name in sorted(scores, key=lambda n: scores[n]):
             if len(chosen) >= room or (self.max_score is not None and scores[name] > self.max_score):
                 break
             cost = costs[name]
-            # A block goes when it fits, or when it overshoots the level's budget by less than the budget it
-            # closes and no further than the event's own target allows (`ctx.slack`): the level rounds to the
-            # nearest whole block, and the finer levels after it remove that much less.
+            # A block goes when it fits, or when it overshoots the level's budget by at most the budget it
+            # closes and no further than the whole run's final target allows (`ctx.final_slack`): the level
+            # rounds to the nearest whole block, and the finer levels remove that much less (at this event,
+            # and at later ones when the block passed this event's own target).
             over = cost - left
             if cost > 0 and (over <= 0 or (over <= left and over <= slack)):
                 chosen.append(name)

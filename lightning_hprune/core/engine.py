@@ -67,11 +67,16 @@ def prune_level(
     name: str | None = None,
     floor_cost: float | None = None,
     surgery: ParameterSurgery | None = None,
+    final_cost: float | None = None,
 ) -> tuple[LevelRecord, ParameterSurgery]:
     """Prune with ``level`` until the measured cost is at most ``target_cost + tolerance``.
 
     With ``strict`` (the schedule's last step), the target is a minimum: no tolerance, and a level that
     finds nothing within the gap may close it with the least overshoot (``ctx.at_least``).
+
+    ``floor_cost`` (the event's overall target) and ``final_cost`` (the whole run's final target) bound how
+    far past ``target_cost`` a level that rounds to whole modules may go (``ctx.slack`` and
+    ``ctx.final_slack``); neither lets a level go past the final target.
 
     Each round asks the level for a plan whose predicted saving closes the gap, applies it and measures the
     exact cost again. It stops early when the level finds nothing more to remove (every group at its cap, no
@@ -101,6 +106,7 @@ def prune_level(
             sensitivity=sensitivity,
             at_least=strict,
             slack=0.0 if floor_cost is None else max(0.0, target_cost - floor_cost),
+            final_slack=None if final_cost is None else max(0.0, target_cost - final_cost),
         )
         plan = level.plan(ctx, gap)
         if agree is not None:
@@ -183,10 +189,15 @@ def run_event(
     strict: bool = False,
     sensitivity: Mapping[str, float] | None = None,
     atomic: bool = True,
+    final_cost: float | None = None,
 ) -> EventResult:
     """Run ``(level, target cost)`` steps in order.
 
     ``strict`` makes the last step's target a minimum (see :func:`prune_level`); use it at the last event.
+    ``final_cost`` is the cost the whole run aims at (the dense cost times ``1 - target``): a level that
+    rounds to whole modules (:class:`~lightning_hprune.core.blocks.BlockLevel`) may overshoot this event's
+    target up to it, and the finer levels remove that much less then and at later events. Without it, the
+    event's own target (the last step's) bounds every step.
     With ``atomic`` (the default), a failure restores the model and the graph's history; a caller that
     takes a wider snapshot of its own (a pruning session) passes ``False``.
 
@@ -219,6 +230,7 @@ def run_event(
                     name=name,
                     floor_cost=steps[-1][1],
                     surgery=surgery,
+                    final_cost=None if final_cost is None else min(final_cost, steps[-1][1]),
                 )
                 results.append(res)
     except Exception as err:

@@ -61,6 +61,9 @@ class SelectionContext:
             the budget should take the selection that closes it with the least overshoot.
         slack: how far past its own budget the level may go without passing the event's overall target (the
             finer levels after it then remove less); 0 for the last level.
+        final_slack: how far past its own budget the level may go without passing the whole run's final target
+            (the finer levels, at this event and the later ones, then remove less); at least ``slack``, and
+            ``slack`` when the engine gives no final target.
         info: what the level reports back (predicted saving, chosen ratio, ...), for logs and tests.
 
     """
@@ -79,6 +82,7 @@ class SelectionContext:
         sensitivity: Mapping[str, float] | None = None,
         at_least: bool = False,
         slack: float = 0.0,
+        final_slack: float | None = None,
         *,
         graph: PruningGraph | None = None,
         importance: Importance | None = None,
@@ -95,6 +99,7 @@ class SelectionContext:
         self.sensitivity = None if sensitivity is None else dict(sensitivity)
         self.at_least = at_least
         self.slack = max(0.0, float(slack))
+        self.final_slack = self.slack if final_slack is None else max(self.slack, float(final_slack))
         self.info: dict[str, Any] = {}
         self._graph, self._importance, self._cost_kind, self._original = (
             graph,

@@ -644,6 +644,7 @@ class PruningSession:
                     strict=plan.strict,
                     sensitivity=self.sensitivity_drops,
                     atomic=False,
+                    final_cost=plan.dense * (1.0 - self.target),
                 )
         finally:
             self.importance.reset()  # also clears the statistics carried in `.grad` during the event
