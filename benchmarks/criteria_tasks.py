@@ -126,7 +126,8 @@ def table(out: dict[str, Any]) -> str:
     header = "val acc (%)" if percent else "val ppl (per byte)"
     better = "higher" if sign > 0 else "lower"
     random = {r["seed"]: r[metric] for r in rows if r["criterion"] == "random"}
-    dense_macs = statistics.mean(r["macs"] for r in rows if r["criterion"] == "dense") if rows else 0.0
+    dense = [r["macs"] for r in rows if r["criterion"] == "dense"] or out.get("dense_macs", [])
+    dense_macs = statistics.mean(dense) if dense else float("nan")
     lines = [
         f"| criterion | {header} | vs random, per seed ({better} is better) | seeds better than random | "
         "MACs left | params |",
@@ -159,6 +160,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     parser.add_argument("--epochs", type=int, help="default: the task's (compare.py's: 4)")
     parser.add_argument("--fraction", type=float, help="MACs to remove (default: mnist 0.75, causal_lm 0.5)")
     parser.add_argument("--criteria", nargs="+", choices=list(CRITERIA), help="default: the task's list")
+    parser.add_argument(
+        "--no-dense",
+        action="store_true",
+        help="skip the dense fits (compare.py runs the very same ones: same task, seeds and trainer)",
+    )
     parser.add_argument("--quick", action="store_true", help="the task's smoke version: numbers mean nothing")
     parser.add_argument("--out", help="default: benchmarks/results/criteria_<task>.json")
     parser.add_argument("--table", help="reprint the table of a saved run")
@@ -183,8 +189,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         )
     rows: list[dict[str, Any]] = []
     out: dict[str, Any] = {}
+    dense_macs = count_macs(task.new_model(), task.example()).total
     for seed in args.seeds:
-        for criterion in [None, *criteria]:
+        for criterion in [*([] if args.no_dense else [None]), *criteria]:
             with tempfile.TemporaryDirectory() as root:
                 rows.append(run(task, criterion, seed, args, root))
             r = rows[-1]
@@ -201,6 +208,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
                 "command": " ".join(["python", "benchmarks/criteria_tasks.py", *(argv or sys.argv[1:])]),
                 "epochs": args.epochs,
                 "fraction": args.fraction,
+                "dense_macs": [dense_macs],
                 "rows": rows,
             }
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
