@@ -332,9 +332,14 @@ class BlockLevel(ModuleLevel):
         costs = ctx.cost_of_modules(list(scores))
         chosen: list[str] = []
         left, slack = budget, ctx.slack
+        from lightning_hprune.core.families import detect
+
+        family = detect(ctx.model)  # a known layout: every layer stack keeps a layer (BART's decoder)
         for name in sorted(scores, key=lambda n: scores[n]):
             if len(chosen) >= room or (self.max_score is not None and scores[name] > self.max_score):
                 break
+            if family is not None and not family.can_remove_layers(ctx.model, [*chosen, name]):
+                continue
             cost = costs[name]
             # A block goes when it fits, or when it overshoots the level's budget by less than the budget it
             # closes and no further than the event's own target allows (`ctx.slack`): the level rounds to the
