@@ -44,8 +44,8 @@ def find_blocks(model: nn.Module, patterns: Sequence[str] = ()) -> list[str]:
         model: the model.
         patterns: ``fnmatch`` globs of module names; when given, exactly the modules they match are
             candidates. Otherwise, for a model of a known layout (:mod:`lightning_hprune.core.families`), the
-            layers its family may remove (not T5's layer 0, none of ALBERT's shared layer, no decoder layer of
-            a model whose encoder alone is known); for any other model, the children of every
+            layers its family may remove (not T5's layer 0, none of ALBERT's shared layer; BART's encoder and
+            decoder layers, :class:`BlockLevel` leaving each stack a layer); for any other model, the children of every
             ``nn.ModuleList``/``nn.Sequential`` whose class name ends with one of :data:`BLOCK_SUFFIXES` and
             that have no ``downsample`` module.
 

@@ -23,7 +23,14 @@ Layers are removed from the layer list; ``layer_idx`` (used by key/value caches)
 Layouts may also pin layers (T5's layer 0 holds the relative position bias every layer uses: never removed,
 and the same heads go from every layer with their bias column), repeat one layer (ALBERT: no layer removal),
 name raw parameters that carry the hidden size (ViT's class token and position embeddings), or protect the
-hidden size (BART, whose decoder shares it).
+hidden size.
+
+An encoder-decoder (BART, mBART) has two layer stacks (``Layout.decoder``), and its decoder layers a
+cross-attention (``Layout.cross``, slot ``<layer>.encoder_attn:kv``). Both stacks share the hidden size; each
+has its own layer count, FFN width (groups ``ffn`` and ``decoder:ffn``) and head count. Every attention
+derives its head size as ``d_model / heads``, so in uniform mode the heads of all attentions and ``d_model``
+are one tied group: a unit takes ``lcm(head sizes)`` hidden channels and, from each attention, that many
+channels' worth of heads. Every stack keeps at least one layer.
 """
 
 from __future__ import annotations
