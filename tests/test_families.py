@@ -470,3 +470,19 @@ def test_bart_with_scaled_embeddings_protects_d_model_and_heads() -> None:
     assert {g.name for g in graph.groups()} == {"ffn", "decoder:ffn"}
     assert "scale_embedding=True" in graph.protected_groups["hidden"]
     assert "hidden size is protected" in graph.protected_groups["heads"]
+
+
+def test_a_bare_bart_model_keeps_d_model_when_its_last_norm_is_ignored() -> None:
+    """``BartModel`` outputs d_model itself: with the decoder's last norm ignored, heads and d_model stay."""
+    import transformers
+
+    from tests.zoo import _bart_kwargs
+
+    torch.manual_seed(0)
+    model = transformers.BartModel(transformers.BartConfig(**_bart_kwargs())).eval()
+    x = BY_NAME["bart-cls"].inputs(batch=1)
+    graph = PruningGraph(model, x, ignored_layers=[model.decoder.layers[-1].final_layer_norm])
+    assert {g.name for g in graph.groups()} == {"ffn", "decoder:ffn"}
+    assert graph.protected_groups == {"heads": "an ignored layer's output width would change"}
+    graph = PruningGraph(model, x)  # not ignored: d_model (the output's width) goes with the heads
+    assert {g.name: g.size for g in graph.groups()} == {"heads": 4, "ffn": 80, "decoder:ffn": 80}

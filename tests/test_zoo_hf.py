@@ -129,6 +129,15 @@ CASES = [
     _case("t5-encoder", 0.5, "params", {"num_heads": 8, "d_kv": 6}),
     # encoder and decoder: layers of both stacks, both FFN widths, and heads of every attention tied with d_model
     _case("bart-cls", 0.4, "macs", {"encoder_attention_heads": 8, "decoder_attention_heads": 8}),
+    # with scale_embedding=True (real mBART checkpoints) d_model, hence the heads, are protected: out of reach
+    HFCase(
+        dataclasses.replace(_variant("bart-cls", scale_embedding=True), name="bart-scaled"),
+        0.5,
+        "macs",
+        frozenset({"layers", "ffn"}),
+        frozenset({"heads", "hidden"}),
+        reached=False,
+    ),
     # decoders
     # Llama: head counts stay divisors of the current one (LlamaConfig's hidden_size % heads == 0), so a step
     # halves the heads, more than this target's share of them: they stay
