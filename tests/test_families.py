@@ -37,6 +37,7 @@ def shape_of(family: TransformerFamily) -> dict[str, int]:
         "ffn": layers[0].ffn,
         "hidden": family.hidden_size(),
         "head_dim": layers[0].head_dim,
+        "all_layers": len(family._all_layers()),  # with a decoder stack (BART): both stacks
     }
 
 
@@ -70,7 +71,7 @@ def test_each_family_prunes_layers_heads_ffn_and_hidden_with_a_true_config(case:
     now = shape_of(family)
     protected = session.graph.protected_groups
     if case.layers:
-        assert now["layers"] == dense["layers"] - 1  # a whole layer left the layer list
+        assert now["all_layers"] == dense["all_layers"] - 1  # a whole layer left its layer list
     else:  # ALBERT: one shared layer, run num_hidden_layers times
         assert now["layers"] == dense["layers"]
         assert "layers" in protected
@@ -100,9 +101,11 @@ def test_each_family_prunes_layers_heads_ffn_and_hidden_with_a_true_config(case:
     if family.layout.kv_key:
         assert getattr(cfg, family.layout.kv_key) == now["kv"]
     assert getattr(cfg, family.layout.intermediate_key) == now["ffn"]
-    indices = [m.layer_idx for m in model.modules() if isinstance(m.__dict__.get("layer_idx"), int)]
-    if any(isinstance(m.__dict__.get("layer_idx"), int) for m in dense_model.modules()):
-        assert sorted(set(indices)) == list(range(now["layers"]))  # renumbered for key/value caches
+    for layout in family.stacks():  # renumbered for key/value caches, per layer list
+        stack = family._layer_list(layout)
+        indices = [m.layer_idx for m in stack.modules() if isinstance(m.__dict__.get("layer_idx"), int)]
+        if indices:
+            assert sorted(set(indices)) == list(range(len(stack)))
     # The model still runs, keeps its output shape and trains.
     x = case.inputs()
     out = logits(model.train(), x)
@@ -112,6 +115,11 @@ def test_each_family_prunes_layers_heads_ffn_and_hidden_with_a_true_config(case:
     if case.causal:
         generated = model.eval().generate(x["input_ids"][:1, :4], max_new_tokens=3, do_sample=False)
         assert generated.shape == (1, 7)
+    if case.seq2seq:  # the decoder's tokens: the start token and three new ones
+        generated = model.eval().generate(
+            x["input_ids"][:1], max_new_tokens=3, min_new_tokens=3, do_sample=False
+        )
+        assert generated.shape == (1, 4)
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2", "bert"])
@@ -215,7 +223,7 @@ def test_pruned_models_round_trip_through_plain_from_pretrained_in_a_fresh_proce
         save_pretrained(model, directory)
         torch.save({"inputs": x, "logits": logits(model, x).detach()}, directory / "reference.pt")
         generated = None
-        if case.causal:
+        if case.causal or case.seq2seq:
             generated = model.generate(x["input_ids"][:1, :4], max_new_tokens=4, do_sample=False).tolist()
         expected[case.name] = {"auto": case.auto, "generated": generated}
     (tmp_path / "cases.json").write_text(json.dumps(expected))
@@ -345,3 +353,136 @@ def test_swin_is_not_a_known_layout_its_heads_stay_and_the_rest_prunes() -> None
             assert now[name][dim] == shape[dim]  # heads and their position bias intact
     assert any(now[n] != s for n, s in dense.items() if ".mlp.fc1." in n)  # MLP widths pruned
     assert model(**x).logits.shape == (2, 3)
+
+
+# ---------------------------------------------------------------------- BART: an encoder-decoder, two stacks
+def _bart(**config: object) -> torch.nn.Module:
+    import transformers
+
+    from tests.zoo import _bart_kwargs
+
+    torch.manual_seed(0)
+    return transformers.BartForConditionalGeneration(transformers.BartConfig(**_bart_kwargs(**config))).eval()
+
+
+def test_bart_ties_encoder_heads_decoder_heads_cross_attention_heads_and_d_model() -> None:
+    model = _bart()
+    graph = PruningGraph(model, BY_NAME["bart-gen"].inputs(batch=1))
+    groups = {g.name: g for g in graph.groups()}
+    assert set(groups) == {"heads", "ffn", "decoder:ffn"}
+    assert graph.protected_groups == {}
+    slots = {s.name: s.per_unit for s in groups["heads"].slots}
+    assert slots == {
+        **{f"model.encoder.layers.{i}:kv": 1 for i in range(3)},
+        **{f"model.decoder.layers.{i}:kv": 1 for i in range(2)},
+        **{f"model.decoder.layers.{i}.encoder_attn:kv": 1 for i in range(2)},
+        "hidden": 12,  # a head takes head_dim = 12 channels of d_model with it
+    }
+    assert groups["heads"].size == 4
+    assert len(groups["decoder:ffn"].slots) == 2
+    assert groups["decoder:ffn"].size == 80
+    family = graph.family
+    assert isinstance(family, TransformerFamily)
+    assert family.removable_layers(model)[-2:] == ["model.decoder.layers.0", "model.decoder.layers.1"]
+    # every stack keeps a layer: the whole decoder cannot go, even with encoder layers left
+    assert not family.can_remove_layers(model, ["model.decoder.layers.0", "model.decoder.layers.1"])
+    with pytest.raises(PruningError, match=r"Cannot remove all 2 layers of model\.decoder\.layers"):
+        family.remove_layers(model, ["model.decoder.layers.0", "model.decoder.layers.1"])
+    assert len(model.model.decoder.layers) == 2
+
+
+def test_bart_decoder_ffn_and_attention_heads_are_removed_exactly() -> None:
+    """Removing FFN units and heads (self- and cross-attention, per layer) equals the dense model with them
+    zeroed: their down-projection / output-projection columns."""
+    import copy
+
+    model = _bart()
+    dense = copy.deepcopy(model)
+    graph = PruningGraph(model, BY_NAME["bart-gen"].inputs(batch=1), uniform=False)
+    removals = {
+        "model.decoder.layers.0:ffn": [3, 17, 40],
+        "model.encoder.layers.1:ffn": [0, 79],
+        "model.decoder.layers.1:kv": [2],
+        "model.decoder.layers.0.encoder_attn:kv": [0, 3],
+        "model.encoder.layers.2:kv": [1],
+    }
+    graph.prune(removals)
+    d = 12
+    with torch.no_grad():
+        for name, units in removals.items():
+            layer = name.rpartition(":")[0]
+            if name.endswith(":ffn"):
+                dense.get_submodule(f"{layer}.fc2").weight[:, units] = 0
+            else:
+                attn = layer if layer.endswith("encoder_attn") else f"{layer}.self_attn"
+                for h in units:
+                    dense.get_submodule(f"{attn}.out_proj").weight[:, h * d : (h + 1) * d] = 0
+    cross = model.model.decoder.layers[0].encoder_attn
+    assert (cross.num_heads, cross.q_proj.out_features, cross.k_proj.out_features) == (2, 24, 24)
+    assert model.model.decoder.layers[0].self_attn.num_heads == 4
+    x = BY_NAME["bart-gen"].inputs()
+    torch.testing.assert_close(logits(model, x), logits(dense, x))
+    problems = config_mismatches(model)  # per-layer widths: no config value describes them
+    assert problems
+    assert "layers have different widths" in problems[0]
+
+
+def test_bart_with_other_head_counts_in_the_decoder_cuts_d_model_in_lcm_steps() -> None:
+    """Encoder 4 heads of 12, decoder 6 heads of 8 (d_model 48): d_model can only shrink in multiples of
+    lcm(12, 8) = 24, each step taking 2 encoder heads and 3 decoder heads."""
+    import copy
+    import warnings
+
+    from lightning_hprune.core.importance import MagnitudeImportance
+
+    model = _bart(decoder_attention_heads=6)
+    x = BY_NAME["bart-gen"].inputs(batch=1)
+    graph = PruningGraph(model, x)
+    [heads] = [g for g in graph.groups() if g.name == "heads"]
+    assert heads.size == 2
+    assert {s.name: s.per_unit for s in heads.slots if "layers.0" in s.name or s.name == "hidden"} == {
+        "model.encoder.layers.0:kv": 2,
+        "model.decoder.layers.0:kv": 3,
+        "model.decoder.layers.0.encoder_attn:kv": 3,
+        "hidden": 24,
+    }
+    heads.score(MagnitudeImportance())
+    graph.prune(heads.expand([0]))
+    cfg = model.config
+    assert (cfg.d_model, cfg.encoder_attention_heads, cfg.decoder_attention_heads) == (24, 2, 3)
+    assert config_mismatches(model) == []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rebuilt = type(model)(copy.deepcopy(cfg))
+    assert {n: p.shape for n, p in rebuilt.state_dict().items()} == {
+        n: p.shape for n, p in model.state_dict().items()
+    }
+    assert count_macs(model, x).total == pytest.approx(reference_macs(model, x), rel=0.01)
+    # 4 heads of 12 against 3 heads of 16: the least common multiple is d_model itself, nothing can go
+    graph = PruningGraph(_bart(decoder_attention_heads=3), x)
+    assert {g.name for g in graph.groups()} == {"ffn", "decoder:ffn"}
+    assert "multiples of 48, and d_model is 48" in graph.protected_groups["heads"]
+    assert "hidden" in graph.protected_groups
+
+
+def test_bart_with_scaled_embeddings_protects_d_model_and_heads() -> None:
+    graph = PruningGraph(_bart(scale_embedding=True), BY_NAME["bart-gen"].inputs(batch=1))
+    assert {g.name for g in graph.groups()} == {"ffn", "decoder:ffn"}
+    assert "scale_embedding=True" in graph.protected_groups["hidden"]
+    assert "hidden size is protected" in graph.protected_groups["heads"]
+
+
+def test_a_bare_bart_model_keeps_d_model_when_its_last_norm_is_ignored() -> None:
+    """``BartModel`` outputs d_model itself: with the decoder's last norm ignored, heads and d_model stay."""
+    import transformers
+
+    from tests.zoo import _bart_kwargs
+
+    torch.manual_seed(0)
+    model = transformers.BartModel(transformers.BartConfig(**_bart_kwargs())).eval()
+    x = BY_NAME["bart-cls"].inputs(batch=1)
+    graph = PruningGraph(model, x, ignored_layers=[model.decoder.layers[-1].final_layer_norm])
+    assert {g.name for g in graph.groups()} == {"ffn", "decoder:ffn"}
+    assert graph.protected_groups == {"heads": "an ignored layer's output width would change"}
+    graph = PruningGraph(model, x)  # not ignored: d_model (the output's width) goes with the heads
+    assert {g.name: g.size for g in graph.groups()} == {"heads": 4, "ffn": 80, "decoder:ffn": 80}

@@ -127,13 +127,16 @@ CASES = [
     _case("deit", 0.5, "macs"),
     HFCase(SWIN, 0.4, "params", frozenset({"ffn"}), frozenset({"heads"}), known=False),
     _case("t5-encoder", 0.5, "params", {"num_heads": 8, "d_kv": 6}),
-    _case(
-        "bart-cls",
-        0.4,
+    # encoder and decoder: layers of both stacks, both FFN widths, and heads of every attention tied with d_model
+    _case("bart-cls", 0.4, "macs", {"encoder_attention_heads": 8, "decoder_attention_heads": 8}),
+    # with scale_embedding=True (real mBART checkpoints) d_model, hence the heads, are protected: out of reach
+    HFCase(
+        dataclasses.replace(_variant("bart-cls", scale_embedding=True), name="bart-scaled"),
+        0.5,
         "macs",
-        removed=frozenset({"layers", "ffn"}),
-        protected=frozenset({"heads", "hidden"}),
-        reached=False,  # the decoder (about half the MACs) is not pruned: the encoder's FFN ends at its floor
+        frozenset({"layers", "ffn"}),
+        frozenset({"heads", "hidden"}),
+        reached=False,
     ),
     # decoders
     # Llama: head counts stay divisors of the current one (LlamaConfig's hidden_size % heads == 0), so a step
@@ -219,7 +222,7 @@ def _shape(model: nn.Module) -> dict[str, Any]:
     assert isinstance(family, TransformerFamily), type(model).__name__
     layers = family._read()
     return {
-        "layers": len(layers),
+        "layers": len(family.layers(model)),  # every layer stack's (BART: the encoder's and the decoder's)
         "heads": {lay.heads for lay in layers},
         "kv": {lay.kv for lay in layers},
         "ffn": {lay.ffn for lay in layers},
@@ -346,9 +349,22 @@ def test_hf_model_prunes_in_a_fit_keeps_its_config_trains_and_reloads(
         assert isinstance(family, TransformerFamily)
         if family.layout.kv_key:
             assert getattr(cfg, family.layout.kv_key) == kv
-        indices = [m.layer_idx for m in hf.modules() if isinstance(m.__dict__.get("layer_idx"), int)]
-        if indices:  # renumbered for key/value caches
-            assert sorted(set(indices)) == list(range(now["layers"]))
+        for layout in family.stacks():  # renumbered for key/value caches, per layer list (BART: two)
+            stack = family._layer_list(layout)
+            indices = [m.layer_idx for m in stack.modules() if isinstance(m.__dict__.get("layer_idx"), int)]
+            if indices:
+                assert sorted(set(indices)) == list(range(len(stack)))
+        if family.layout.decoder is not None:  # the decoder's config is true too, and it was pruned
+            decoder = family._read(family.layout.decoder)
+            dense_family = detect(dense)
+            assert isinstance(dense_family, TransformerFamily)
+            dense_decoder = dense_family._read(dense_family.layout.decoder)  # type: ignore[arg-type]
+            assert {lay.heads for lay in decoder} == {lay.cross_heads for lay in decoder}
+            assert decoder[0].heads * decoder[0].head_dim == now["hidden"]
+            assert getattr(cfg, family.layout.decoder.heads_key) == decoder[0].heads
+            assert (
+                getattr(cfg, family.layout.decoder.intermediate_key) == decoder[0].ffn < dense_decoder[0].ffn
+            )
     else:  # Swin: traced by torch-pruning; MLP widths pruned, heads and their position bias tables intact
         assert detect(hf) is None
         assert any(".attention" in v for v in protected.values()), protected

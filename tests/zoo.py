@@ -27,6 +27,7 @@ class Case:
     kind: str = "tokens"
     layers: bool = True  # whole layers are removable
     hidden: bool = True  # the hidden size is prunable (and with a derived head size, the heads)
+    seq2seq: bool = False  # an encoder-decoder language model: `generate` must run
 
     def inputs(self, batch: int = 2, length: int = 10, seed: int = 0) -> dict[str, Any]:
         g = torch.Generator().manual_seed(seed)
@@ -117,6 +118,30 @@ def _t5_kwargs(**extra: Any) -> dict[str, Any]:
         "pad_token_id": 0,
         "eos_token_id": 2,
         "decoder_start_token_id": 0,
+    }
+    base.update(extra)
+    return base
+
+
+def _bart_kwargs(**extra: Any) -> dict[str, Any]:
+    base = {
+        "vocab_size": VOCAB,
+        "d_model": 48,
+        "encoder_layers": 3,
+        "decoder_layers": 2,
+        "encoder_attention_heads": 4,
+        "decoder_attention_heads": 4,
+        "encoder_ffn_dim": 80,
+        "decoder_ffn_dim": 80,
+        "max_position_embeddings": 70,
+        "num_labels": 3,
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "decoder_start_token_id": 2,
+        "forced_eos_token_id": None,
+        "encoder_layerdrop": 0.0,
+        "decoder_layerdrop": 0.0,
     }
     base.update(extra)
     return base
@@ -258,30 +283,27 @@ ENCODERS = [
     ),
     Case(
         "bart-cls",
-        lambda: _t().BartForSequenceClassification(
-            _t().BartConfig(
-                vocab_size=VOCAB,
-                d_model=48,
-                encoder_layers=3,
-                decoder_layers=2,
-                encoder_attention_heads=4,
-                decoder_attention_heads=4,
-                encoder_ffn_dim=80,
-                decoder_ffn_dim=80,
-                max_position_embeddings=70,
-                num_labels=3,
-                pad_token_id=0,
-                bos_token_id=1,
-                eos_token_id=2,
-                decoder_start_token_id=2,
-                encoder_layerdrop=0.0,
-                decoder_layerdrop=0.0,
-            )
-        ),
+        lambda: _t().BartForSequenceClassification(_t().BartConfig(**_bart_kwargs())),
         "AutoModelForSequenceClassification",
         derived_heads=True,
         kind="eos",
-        hidden=False,
+    ),
+    # the same encoder-decoder with its tied language-model head (and `final_logits_bias`): `generate` runs
+    Case(
+        "bart-gen",
+        lambda: _t().BartForConditionalGeneration(_t().BartConfig(**_bart_kwargs())),
+        "AutoModelForSeq2SeqLM",
+        derived_heads=True,
+        kind="eos",
+        seq2seq=True,
+    ),
+    Case(
+        "mbart-gen",
+        lambda: _t().MBartForConditionalGeneration(_t().MBartConfig(**_bart_kwargs())),
+        "AutoModelForSeq2SeqLM",
+        derived_heads=True,
+        kind="eos",
+        seq2seq=True,
     ),
 ]
 

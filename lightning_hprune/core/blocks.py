@@ -44,8 +44,8 @@ def find_blocks(model: nn.Module, patterns: Sequence[str] = ()) -> list[str]:
         model: the model.
         patterns: ``fnmatch`` globs of module names; when given, exactly the modules they match are
             candidates. Otherwise, for a model of a known layout (:mod:`lightning_hprune.core.families`), the
-            layers its family may remove (not T5's layer 0, none of ALBERT's shared layer, no decoder layer of
-            a model whose encoder alone is known); for any other model, the children of every
+            layers its family may remove (not T5's layer 0, none of ALBERT's shared layer; BART's encoder and
+            decoder layers, :class:`BlockLevel` leaving each stack a layer); for any other model, the children of every
             ``nn.ModuleList``/``nn.Sequential`` whose class name ends with one of :data:`BLOCK_SUFFIXES` and
             that have no ``downsample`` module.
 
@@ -335,9 +335,14 @@ class BlockLevel(ModuleLevel):
         costs = ctx.cost_of_modules(list(scores))
         chosen: list[str] = []
         left, slack = budget, ctx.final_slack
+        from lightning_hprune.core.families import detect
+
+        family = detect(ctx.model)  # a known layout: every layer stack keeps a layer (BART's decoder)
         for name in sorted(scores, key=lambda n: scores[n]):
             if len(chosen) >= room or (self.max_score is not None and scores[name] > self.max_score):
                 break
+            if family is not None and not family.can_remove_layers(ctx.model, [*chosen, name]):
+                continue
             cost = costs[name]
             # A block goes when it fits, or when it overshoots the level's budget by at most the budget it
             # closes and no further than the whole run's final target allows (`ctx.final_slack`): the level

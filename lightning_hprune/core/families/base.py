@@ -215,6 +215,10 @@ class Family(abc.ABC):
         """The layers :meth:`remove_layers` accepts (default: every layer)."""
         return self.layers(model)
 
+    def can_remove_layers(self, model: nn.Module, names: Sequence[str]) -> bool:
+        """Whether :meth:`remove_layers` accepts ``names`` together (default: some layer is left)."""
+        return len(set(names)) < len(self.layers(model))
+
     @abc.abstractmethod
     def remove_layers(self, model: nn.Module, names: Sequence[str]) -> None:
         """Remove whole layers from the layer list; renumber what the model indexes by layer; update the config."""

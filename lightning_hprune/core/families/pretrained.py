@@ -48,23 +48,30 @@ def config_mismatches(model: nn.Module) -> list[str]:
     if not isinstance(family, TransformerFamily):
         return []
     config, problems = family.config, []
-    layers = family._read()
-    expect = {"hidden_size": family.hidden_size()}
-    if family.layout.layer_count_key is not None:
-        expect[family.layout.layer_count_key] = len(layers)
-    if len({lay.heads for lay in layers}) == 1:
-        expect["num_attention_heads"] = layers[0].heads
-    if family.layout.kv_key and len({lay.kv for lay in layers}) == 1:
-        expect[family.layout.kv_key] = layers[0].kv
-    if (
-        len({lay.ffn for lay in layers}) == 1
-        and getattr(config, family.layout.intermediate_key, None) is not None
-    ):
-        expect[family.layout.intermediate_key] = layers[0].ffn
+    expect: dict[str, int] = {"hidden_size": family.hidden_size()}
+    for layout in family.stacks():  # the encoder's layers (or a decoder-only model's), then a decoder's
+        layers = family._read(layout)
+        if layout.layer_count_key is not None:
+            expect[layout.layer_count_key] = len(layers)
+        if len({lay.heads for lay in layers}) == 1:
+            expect[layout.heads_key] = layers[0].heads
+        if layout.kv_key and len({lay.kv for lay in layers}) == 1:
+            expect[layout.kv_key] = layers[0].kv
+        if (
+            len({lay.ffn for lay in layers}) == 1
+            and getattr(config, layout.intermediate_key, None) is not None
+        ):
+            expect[layout.intermediate_key] = layers[0].ffn
     if not family.uniform(model):
+        layers = family._all_layers()
         problems.append(
             "layers have different widths: "
-            + ", ".join(f"{lay.name}: {lay.heads} heads, {lay.kv} kv, FFN {lay.ffn}" for lay in layers[:4])
+            + ", ".join(
+                f"{lay.name}: {lay.heads} heads"
+                + (f" ({lay.cross_heads} cross-attention)" if lay.layout.cross is not None else "")
+                + f", {lay.kv} kv, FFN {lay.ffn}"
+                for lay in layers[:4]
+            )
         )
     for key, value in expect.items():
         if getattr(config, key, None) != value:

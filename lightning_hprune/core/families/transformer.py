@@ -23,11 +23,19 @@ Layers are removed from the layer list; ``layer_idx`` (used by key/value caches)
 Layouts may also pin layers (T5's layer 0 holds the relative position bias every layer uses: never removed,
 and the same heads go from every layer with their bias column), repeat one layer (ALBERT: no layer removal),
 name raw parameters that carry the hidden size (ViT's class token and position embeddings), or protect the
-hidden size (BART, whose decoder shares it).
+hidden size.
+
+An encoder-decoder (BART, mBART) has two layer stacks (``Layout.decoder``), and its decoder layers a
+cross-attention (``Layout.cross``, slot ``<layer>.encoder_attn:kv``). Both stacks share the hidden size; each
+has its own layer count, FFN width (groups ``ffn`` and ``decoder:ffn``) and head count. Every attention
+derives its head size as ``d_model / heads``, so in uniform mode the heads of all attentions and ``d_model``
+are one tied group: a unit takes ``lcm(head sizes)`` hidden channels and, from each attention, that many
+channels' worth of heads. Every stack keeps at least one layer.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -75,6 +83,16 @@ class Layout:
         hidden_params: names of raw parameters outside the layers whose last dimension is the hidden size
             (ViT's ``cls_token``, ``position_embeddings``, DeiT's ``distillation_token``).
         protect_hidden: why the hidden size is never pruned (``None``: it is).
+        heads_key: the config key of the query head count (BART's encoder: ``encoder_attention_heads``).
+        cross: ``(attention, q, k, v, o)`` paths of a cross-attention inside each layer (BART's decoder:
+            ``encoder_attn``), with as many heads as the self-attention (one config value for both): its
+            heads are a slot of their own (``<layer>.<attention>:kv``), tied with the self-attention's.
+        decoder: a second layer stack of an encoder-decoder model (BART's decoder), with its own paths and
+            config keys; it shares the hidden size, and in uniform mode the heads of both stacks are one
+            tied group (see :meth:`TransformerFamily.groups`).
+        scale_key: a config flag that scales the embeddings by ``sqrt(hidden size)`` (BART's
+            ``scale_embedding``); while it is set the hidden size is protected, since a model rebuilt from a
+            smaller hidden size would scale its embeddings differently.
 
     """
 
@@ -101,6 +119,24 @@ class Layout:
     shared_heads: bool = False
     hidden_params: tuple[str, ...] = ()
     protect_hidden: str | None = None
+    heads_key: str = "num_attention_heads"
+    cross: tuple[str, str, str, str, str] | None = None
+    decoder: Layout | None = None
+    scale_key: str | None = None
+
+    def parts(self) -> tuple[str, ...]:
+        """Every path inside a layer that the layout names."""
+        return (
+            self.attention,
+            self.q,
+            self.k,
+            self.v,
+            self.o,
+            *self.up,
+            self.down,
+            *self.norms,
+            *(self.cross or ()),
+        )
 
     def fused_qkv(self) -> bool:
         """Whether q, k and v come from one projection."""
@@ -292,6 +328,34 @@ T5_GATED = Layout(
     shared_heads=True,
 )
 T5 = replace(T5_GATED, up=("layer.1.DenseReluDense.wi",))
+#: BART's decoder: self-attention, cross-attention (``encoder_attn``, the same head count) and FFN per layer.
+BART_DECODER = Layout(
+    model_types=("bart", "mbart"),
+    layers="{base}decoder.layers",
+    attention="self_attn",
+    q="self_attn.q_proj",
+    k="self_attn.k_proj",
+    v="self_attn.v_proj",
+    o="self_attn.out_proj",
+    up=("fc1",),
+    down="fc2",
+    norms=("self_attn_layer_norm", "encoder_attn_layer_norm", "final_layer_norm"),
+    head_dim_key=None,
+    kv_key=None,
+    intermediate_key="decoder_ffn_dim",
+    attention_attrs=_heads_attr("num_heads"),
+    layer_count_key="decoder_layers",
+    heads_key="decoder_attention_heads",
+    cross=(
+        "encoder_attn",
+        "encoder_attn.q_proj",
+        "encoder_attn.k_proj",
+        "encoder_attn.v_proj",
+        "encoder_attn.out_proj",
+    ),
+)
+#: BART and mBART (``BartModel``, ``...ForSequenceClassification``, ``...ForConditionalGeneration``): the
+#: encoder, with the decoder as a second stack. Every attention derives its head size as d_model / heads.
 BART = Layout(
     model_types=("bart", "mbart"),
     layers="{base}encoder.layers",
@@ -307,8 +371,10 @@ BART = Layout(
     kv_key=None,
     intermediate_key="encoder_ffn_dim",
     attention_attrs=_heads_attr("num_heads"),
-    protect_hidden="the decoder reads the hidden size too (its head size is d_model / decoder_attention_heads), "
-    "and only the encoder's layout is known",
+    layer_count_key="encoder_layers",
+    heads_key="encoder_attention_heads",
+    decoder=BART_DECODER,
+    scale_key="scale_embedding",
 )
 LAYOUTS: tuple[Layout, ...] = (
     LLAMA,
@@ -337,8 +403,9 @@ def _fits(module: nn.Module, layout: Layout, base: str) -> bool:
     layers = _get(module, layout.layers.format(base=base))
     if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
         return False
-    parts = (layout.attention, layout.q, layout.k, layout.v, layout.o, *layout.up, layout.down, *layout.norms)
-    return all(_get(layers[0], rel) is not None for rel in parts)
+    if not all(_get(layers[0], rel) is not None for rel in layout.parts()):
+        return False
+    return layout.decoder is None or _fits(module, layout.decoder, base)
 
 
 @dataclass
@@ -351,6 +418,8 @@ class _Layer:
     kv: int
     head_dim: int
     ffn: int
+    layout: Layout  # the stack's layout (the first one, or its decoder)
+    cross_heads: int = 0  # heads of the cross-attention (``Layout.cross``), 0 without one
 
 
 @dataclass
@@ -399,36 +468,50 @@ class TransformerFamily(Family):
     def _abs(self, rel: str) -> str:
         return f"{self.prefix}{rel}"
 
-    def _layer_list(self) -> nn.ModuleList:
-        layers = _get(self.hf, self.layout.layers.format(base=self.base))
+    def stacks(self) -> tuple[Layout, ...]:
+        """The layouts of the layer stacks: the layout itself, then its decoder (encoder-decoder models)."""
+        return (self.layout,) if self.layout.decoder is None else (self.layout, self.layout.decoder)
+
+    def _layer_list(self, layout: Layout | None = None) -> nn.ModuleList:
+        layers = _get(self.hf, (layout or self.layout).layers.format(base=self.base))
         assert isinstance(layers, nn.ModuleList)
         return layers
 
+    def _stack_layers(self, layout: Layout) -> list[str]:
+        path = self._abs(layout.layers.format(base=self.base))
+        return [f"{path}.{i}" for i in range(len(self._layer_list(layout)))]
+
     def layers(self, model: nn.Module) -> list[str]:
-        """Absolute names of the layers, in order."""
-        path = self._abs(self.layout.layers.format(base=self.base))
-        return [f"{path}.{i}" for i in range(len(self._layer_list()))]
+        """Absolute names of the layers, in order (the encoder's, then the decoder's)."""
+        return [name for layout in self.stacks() for name in self._stack_layers(layout)]
 
     def removable_layers(self, model: nn.Module) -> list[str]:
         """The layers that may be removed: none when the layer list is repeated, never a pinned one."""
-        if self.layout.layer_count_key is None:
-            return []
-        pinned = self.layout.pinned
-        return [
-            name
-            for name, layer in zip(self.layers(model), self._layer_list(), strict=True)
-            if pinned is None or _get(layer, pinned) is None
-        ]
+        out = []
+        for layout in self.stacks():
+            if layout.layer_count_key is None:
+                continue
+            out += [
+                name
+                for name, layer in zip(self._stack_layers(layout), self._layer_list(layout), strict=True)
+                if layout.pinned is None or _get(layer, layout.pinned) is None
+            ]
+        return out
 
-    def _head_dim(self, layer: nn.Module) -> int:
-        attn = layer.get_submodule(self.layout.attention)
-        for attr in self.layout.head_size_attrs:
+    def can_remove_layers(self, model: nn.Module, names: Sequence[str]) -> bool:
+        """Whether removing ``names`` together leaves every layer stack at least one layer."""
+        return all(
+            len(set(names) & set(stack)) < len(stack) for stack in map(self._stack_layers, self.stacks())
+        )
+
+    @staticmethod
+    def _head_dim(layer: nn.Module, layout: Layout, attention: str | None = None) -> int:
+        attn = layer.get_submodule(attention or layout.attention)
+        for attr in layout.head_size_attrs:
             value = getattr(attn, attr, None)
             if isinstance(value, int) and value > 0:
                 return value
-        raise PruningError(
-            f"Cannot read the head size of {type(attn).__name__} ({self.layout.head_size_attrs})."
-        )
+        raise PruningError(f"Cannot read the head size of {type(attn).__name__} ({layout.head_size_attrs}).")
 
     @staticmethod
     def _out_width(module: nn.Module) -> int:
@@ -442,12 +525,13 @@ class TransformerFamily(Family):
         assert w is not None
         return int(w.shape[_dim(module, "in")])
 
-    def _read(self) -> list[_Layer]:
-        lay = self.layout
+    def _read(self, layout: Layout | None = None) -> list[_Layer]:
+        """The layers of one stack as they are now (default: the first stack, a decoder-only model's layers)."""
+        lay = layout or self.layout
         out = []
         base = self._abs(lay.layers.format(base=self.base))
-        for i, layer in enumerate(self._layer_list()):
-            hd = self._head_dim(layer)
+        for i, layer in enumerate(self._layer_list(lay)):
+            hd = self._head_dim(layer, lay)
             q_width = self._out_width(layer.get_submodule(lay.q))
             if lay.fused_qkv():
                 heads = int(self._in_width(layer.get_submodule(lay.o))) // hd
@@ -456,8 +540,31 @@ class TransformerFamily(Family):
                 heads = q_width // hd
                 kv = self._out_width(layer.get_submodule(lay.k)) // hd
             ffn = self._in_width(layer.get_submodule(lay.down))
-            out.append(_Layer(name=f"{base}.{i}", module=layer, heads=heads, kv=kv, head_dim=hd, ffn=ffn))
+            cross = 0
+            if lay.cross is not None:
+                if self._head_dim(layer, lay, lay.cross[0]) != hd:
+                    raise PruningError(
+                        f"Expected the cross-attention of {base}.{i} to have the self-attention's head size {hd}, "
+                        f"but it has {self._head_dim(layer, lay, lay.cross[0])}."
+                    )
+                cross = self._out_width(layer.get_submodule(lay.cross[1])) // hd
+            out.append(
+                _Layer(
+                    name=f"{base}.{i}",
+                    module=layer,
+                    heads=heads,
+                    kv=kv,
+                    head_dim=hd,
+                    ffn=ffn,
+                    layout=lay,
+                    cross_heads=cross,
+                )
+            )
         return out
+
+    def _all_layers(self) -> list[_Layer]:
+        """The layers of every stack, the encoder's first."""
+        return [lay for layout in self.stacks() for lay in self._read(layout)]
 
     def hidden_size(self) -> int:
         """The residual stream's width, read from the first layer's first norm."""
@@ -467,9 +574,17 @@ class TransformerFamily(Family):
         return int(w.shape[0])
 
     def uniform(self, model: nn.Module) -> bool:
-        """Whether every layer has the same head, key/value and FFN widths."""
-        layers = self._read()
-        return len({(lay.heads, lay.kv, lay.ffn) for lay in layers}) <= 1
+        """Whether every layer of each stack has the same head, key/value and FFN widths.
+
+        A cross-attention has the head count of its layer's self-attention (one config value for both).
+        """
+        for layout in self.stacks():
+            layers = self._read(layout)
+            if len({(lay.heads, lay.kv, lay.ffn, lay.cross_heads) for lay in layers}) > 1:
+                return False
+            if layout.cross is not None and any(lay.cross_heads != lay.heads for lay in layers):
+                return False
+        return True
 
     # ------------------------------------------------------------------ cuts
     @staticmethod
@@ -482,7 +597,7 @@ class TransformerFamily(Family):
         return cuts
 
     def _layer_slots(self, lay: _Layer) -> list[Slot]:
-        layout, hd, n_rep = self.layout, lay.head_dim, lay.heads // lay.kv
+        layout, hd, n_rep = lay.layout, lay.head_dim, lay.heads // lay.kv
         m = lay.module
 
         def path(rel: str) -> tuple[str, nn.Module]:
@@ -511,6 +626,22 @@ class TransformerFamily(Family):
                     Cut(table, f"{lay.name}.{rel}", "weight", 1, "embed", tuple((g,) for g in range(lay.kv)))
                 )
         slots.append(Slot(f"{lay.name}:kv", lay.kv, tuple(cuts), core=((attn, 1.0 / lay.kv),)))
+        if layout.cross is not None:  # the cross-attention's heads: every head has its own keys and values
+            c_attn, *c_proj = layout.cross
+            (cq_name, cq), (ck_name, ck), (cv_name, cv), (co_name, co) = (path(rel) for rel in c_proj)
+            units = [[h * hd + t for t in range(hd)] for h in range(lay.cross_heads)]
+            cuts = self._proj_cuts(cq_name, cq, "out", units)
+            cuts += self._proj_cuts(ck_name, ck, "out", units)
+            cuts += self._proj_cuts(cv_name, cv, "out", units)
+            cuts += self._proj_cuts(co_name, co, "in", units)
+            slots.append(
+                Slot(
+                    f"{lay.name}.{c_attn}:kv",
+                    lay.cross_heads,
+                    tuple(cuts),
+                    core=((f"{lay.name}.{c_attn}", 1.0 / lay.cross_heads),),
+                )
+            )
         # query heads inside each key/value group
         if n_rep > 1:
             for g in range(lay.kv):
@@ -540,6 +671,12 @@ class TransformerFamily(Family):
         if layout.protect_hidden is not None:
             self.protected["hidden"] = layout.protect_hidden
             return None
+        if layout.scale_key is not None and getattr(self.config, layout.scale_key, False):
+            self.protected["hidden"] = (
+                f"config.{layout.scale_key}=True scales the embeddings by sqrt(hidden size): a model rebuilt from "
+                "a smaller hidden size would scale them differently"
+            )
+            return None
         units = tuple((c,) for c in range(width))
         cuts: list[Cut] = []
         covered: set[int] = set()
@@ -556,14 +693,18 @@ class TransformerFamily(Family):
             covered.update(id(p) for p in module.parameters(recurse=False))
 
         for lay in layers:
-            m = lay.module
-            readers = [layout.q] if layout.fused_qkv() else [layout.q, layout.k, layout.v]
-            readers += list(dict.fromkeys(layout.up))
+            m, lo = lay.module, lay.layout
+            readers = [lo.q] if lo.fused_qkv() else [lo.q, lo.k, lo.v]
+            readers += list(dict.fromkeys(lo.up))
+            writers = [lo.o, lo.down]
+            if lo.cross is not None:  # its queries read the layer's stream, its keys and values the encoder's
+                readers += list(lo.cross[1:4])
+                writers.append(lo.cross[4])
             for rel in readers:
                 add(f"{lay.name}.{rel}", m.get_submodule(rel), "in")
-            for rel in (layout.o, layout.down):
+            for rel in writers:
                 add(f"{lay.name}.{rel}", m.get_submodule(rel), "out")
-            for rel in layout.norms:
+            for rel in lo.norms:
                 add(f"{lay.name}.{rel}", m.get_submodule(rel), "norm")
         # Outside the layers, in the whole pruned model (a head of the user's around the Hugging Face model
         # included): embeddings, norms, linear layers are found by shape; nothing else may use `width`.
@@ -610,7 +751,7 @@ class TransformerFamily(Family):
 
     def slots(self, model: nn.Module) -> dict[str, Slot]:
         """Every slot, by name."""
-        layers = self._read()
+        layers = self._all_layers()
         out = {s.name: s for lay in layers for s in self._layer_slots(lay)}
         hidden = self._hidden_slot(layers, model)
         if hidden is not None:
@@ -619,8 +760,15 @@ class TransformerFamily(Family):
 
     # ------------------------------------------------------------------ groups
     def groups(self, model: nn.Module, uniform: bool, ignored: Sequence[nn.Module] = ()) -> list[FamilyGroup]:
-        """The layout groups (see the module docstring); groups whose output layers are ignored are left out."""
-        layers = self._read()
+        """The layout groups (see the module docstring); groups whose output layers are ignored are left out.
+
+        With a second layer stack (an encoder-decoder model), the heads of every attention of both stacks are
+        one tied group in uniform mode: with a derived head size (BART) every attention's head size is
+        d_model / its head count, so d_model can only shrink in multiples of the least common multiple of the
+        head sizes, each unit taking that many hidden channels and as many heads of each attention as fit in
+        them. Each stack's FFN is a tied group of its own (``ffn``, ``decoder:ffn``).
+        """
+        layers = self._all_layers()
         if uniform and not self.uniform(model):
             raise PruningError(
                 f"The {self.name} model has per-layer widths (heads/FFN differ between layers), which uniform "
@@ -637,19 +785,33 @@ class TransformerFamily(Family):
         derived = self.layout.head_dim_key is None
         specs: list[tuple[str, str, list[Slot]]] = []  # (name, kind, slots)
         tie_heads = uniform or self.layout.heads_from_config or self.layout.shared_heads
+        head_dims = {lay.head_dim for lay in layers}
+        unit = math.lcm(*head_dims)  # hidden channels per unit of the tied heads (derived head sizes)
         if derived and uniform and hidden is None:
             # The config derives the head size from hidden_size / num_attention_heads: heads cannot go alone.
             self.protected["heads"] = (
                 "the head size is hidden_size / num_attention_heads, and the hidden size is protected"
             )
+        elif derived and uniform and hidden is not None and hidden.size // unit < 2:
+            reason = (
+                f"the head sizes {sorted(head_dims)} (d_model / each stack's head count) both stay only if d_model "
+                f"shrinks in multiples of {unit}, and d_model is {hidden.size}"
+            )
+            self.protected["heads"] = self.protected["hidden"] = reason
+            hidden = None
+        if derived and uniform and hidden is None:
             tie_heads = False
             per_layer = {k: [s for s in v if s.name.endswith(":ffn")] for k, v in per_layer.items()}
         if tie_heads:
+            head_dim = {s.name: lay.head_dim for lay in layers for s in per_layer[lay.name]}
             kv = [s for slots in per_layer.values() for s in slots if s.name.endswith(":kv")]
             q = [s for slots in per_layer.values() for s in slots if ":heads:" in s.name]
             if derived and uniform and hidden is not None:
-                hd = layers[0].head_dim
-                kv = [*kv, Slot(hidden.name, hidden.size, hidden.cuts, per_unit=hd)]
+                kv = [
+                    s if head_dim[s.name] == unit else replace(s, per_unit=unit // head_dim[s.name])
+                    for s in kv
+                ]
+                kv = [*kv, Slot(hidden.name, hidden.size, hidden.cuts, per_unit=unit)]
             specs.append(("kv" if q else "heads", "heads", kv))
             if q:
                 specs.append(("heads", "heads", q))
@@ -660,11 +822,19 @@ class TransformerFamily(Family):
                 q = [s for s in slots if ":heads:" in s.name]
                 if q:
                     specs.append((f"{lay.name}:heads", "heads", q))
-        ffn = [s for slots in per_layer.values() for s in slots if s.name.endswith(":ffn")]
-        if uniform:
-            specs.append(("ffn", "channels", ffn))
-        else:
-            specs += [(s.name, "channels", [s]) for s in ffn]
+                specs += [(s.name, "heads", [s]) for s in slots[1:] if s.name.endswith(":kv")]  # cross
+        for i, layout in enumerate(self.stacks()):
+            ffn = [
+                s
+                for lay in layers
+                if lay.layout is layout
+                for s in per_layer[lay.name]
+                if s.name.endswith(":ffn")
+            ]
+            if uniform:
+                specs.append(("ffn" if i == 0 else "decoder:ffn", "channels", ffn))
+            else:
+                specs += [(s.name, "channels", [s]) for s in ffn]
         if hidden is not None and not (derived and uniform):
             specs.append(("hidden", "channels", [hidden]))
         allowed: dict[str, tuple[int, ...]] = {}
@@ -704,7 +874,7 @@ class TransformerFamily(Family):
 
     # ------------------------------------------------------------------ changing the structure
     def remove_layers(self, model: nn.Module, names: Sequence[str]) -> None:
-        """Remove layers from the layer list, renumber ``layer_idx`` and update the config."""
+        """Remove layers from their layer list, renumber ``layer_idx`` (per stack) and update the config."""
         all_names = self.layers(model)
         bad = [n for n in names if n not in all_names]
         if bad:
@@ -720,44 +890,67 @@ class TransformerFamily(Family):
                 else f"they hold {self.layout.pinned}, which every layer uses"
             )
             raise PruningError(f"Cannot remove {kept} from the {self.name} model: {reason}.")
-        if len(set(names)) >= len(all_names):
-            raise PruningError(f"Cannot remove all {len(all_names)} layers of the {self.name} model.")
-        layer_list = self._layer_list()
-        for index in sorted((all_names.index(n) for n in names), reverse=True):
-            del layer_list[index]
-            types = getattr(self.config, "layer_types", None)
-            if isinstance(types, list) and len(types) > index:
-                del types[index]
-        for i, layer in enumerate(layer_list):
-            for sub in layer.modules():
-                if isinstance(sub.__dict__.get("layer_idx"), int):
-                    sub.layer_idx = i  # type: ignore[assignment]
+        stacks = self.stacks()
+        for layout in stacks:  # every stack keeps a layer (checked for all before any goes)
+            stack = self._stack_layers(layout)
+            if len(set(names) & set(stack)) >= len(stack):
+                where = (
+                    f"the {self.name} model"
+                    if len(stacks) == 1
+                    else self._abs(layout.layers.format(base=self.base))
+                )
+                raise PruningError(f"Cannot remove all {len(stack)} layers of {where}.")
+        for i, layout in enumerate(self.stacks()):
+            stack = self._stack_layers(layout)
+            gone = sorted((stack.index(n) for n in set(names) if n in stack), reverse=True)
+            if not gone:
+                continue
+            layer_list = self._layer_list(layout)
+            for index in gone:
+                del layer_list[index]
+                types = getattr(self.config, "layer_types", None) if i == 0 else None
+                if isinstance(types, list) and len(types) > index:
+                    del types[index]
+            for j, layer in enumerate(layer_list):
+                for sub in layer.modules():
+                    if isinstance(sub.__dict__.get("layer_idx"), int):
+                        sub.layer_idx = j  # type: ignore[assignment]
         self.sync(model)
 
     def sync(self, model: nn.Module) -> None:
         """Set the config and every attention module's head attributes from the parameters' shapes."""
-        layout, config = self.layout, self.config
-        layers = self._read()
-        for lay in layers:
-            for rel in (layout.q, layout.k, layout.v, layout.o, *layout.up, layout.down, *layout.norms):
-                fix_attributes(lay.module.get_submodule(rel))
-            if layout.attention_attrs is not None:
-                layout.attention_attrs(
-                    lay.module.get_submodule(layout.attention), lay.heads, lay.kv, lay.head_dim
-                )
+        config = self.config
+        for layout in self.stacks():
+            layers = self._read(layout)
+            for lay in layers:
+                for rel in layout.parts():
+                    fix_attributes(lay.module.get_submodule(rel))
+                if layout.attention_attrs is not None:
+                    layout.attention_attrs(
+                        lay.module.get_submodule(layout.attention), lay.heads, lay.kv, lay.head_dim
+                    )
+                    if layout.cross is not None:
+                        layout.attention_attrs(
+                            lay.module.get_submodule(layout.cross[0]),
+                            lay.cross_heads,
+                            lay.cross_heads,
+                            lay.head_dim,
+                        )
         for module in model.modules():
             fix_attributes(module)
-        if layout.layer_count_key is not None:
-            setattr(config, layout.layer_count_key, len(layers))
         config.hidden_size = self.hidden_size()
-        if len({lay.heads for lay in layers}) == 1:
-            config.num_attention_heads = layers[0].heads
-        if layout.kv_key is not None and len({lay.kv for lay in layers}) == 1:
-            setattr(config, layout.kv_key, layers[0].kv)
-        if layout.head_dim_key is not None:
-            setattr(config, layout.head_dim_key, layers[0].head_dim)
-        if len({lay.ffn for lay in layers}) == 1:
-            setattr(config, layout.intermediate_key, layers[0].ffn)
+        for layout in self.stacks():
+            layers = self._read(layout)
+            if layout.layer_count_key is not None:
+                setattr(config, layout.layer_count_key, len(layers))
+            if len({lay.heads for lay in layers}) == 1:
+                setattr(config, layout.heads_key, layers[0].heads)
+            if layout.kv_key is not None and len({lay.kv for lay in layers}) == 1:
+                setattr(config, layout.kv_key, layers[0].kv)
+            if layout.head_dim_key is not None:
+                setattr(config, layout.head_dim_key, layers[0].head_dim)
+            if len({lay.ffn for lay in layers}) == 1:
+                setattr(config, layout.intermediate_key, layers[0].ffn)
         for module in self.hf.modules():  # GPT-2 and others keep the hidden size as `embed_dim`
             if isinstance(module.__dict__.get("embed_dim"), int):
                 module.embed_dim = config.hidden_size  # type: ignore[assignment]
@@ -766,11 +959,15 @@ class TransformerFamily(Family):
 
     def describe(self) -> str:
         """One line for logs."""
-        layers = self._read()
-        return (
-            f"{self.name}: {len(layers)} layers, {layers[0].heads} heads ({layers[0].kv} key/value) of "
-            f"{layers[0].head_dim}, FFN {layers[0].ffn}, hidden {self.hidden_size()}"
-        )
+        parts = []
+        for layout in self.stacks():
+            layers = self._read(layout)
+            where = "" if layout is self.layout else f"{layout.layers.format(base='')}: "
+            parts.append(
+                f"{where}{len(layers)} layers, {layers[0].heads} heads ({layers[0].kv} key/value) of "
+                f"{layers[0].head_dim}, FFN {layers[0].ffn}"
+            )
+        return f"{self.name}: " + "; ".join(parts) + f", hidden {self.hidden_size()}"
 
 
 def _conv1d(module: nn.Module) -> bool:
