@@ -500,3 +500,27 @@ def test_swin_heads_that_do_not_scale_with_the_stage_widths_are_protected() -> N
     assert config_mismatches(model) == []
     with torch.no_grad():
         torch.testing.assert_close(_rebuilt(model)(**SWIN_X).logits, model(**SWIN_X).logits)
+
+
+def test_swin_per_layer_widths_prune_each_block_and_stage_and_refuse_save_pretrained(tmp_path: Path) -> None:
+    model = _swin()
+    session = PruningSession(
+        [GlobalLevel()],
+        target=0.5,
+        schedule=EventSchedule(0, 0),
+        round_to=4,
+        measure_latency=False,
+        uniform_widths=False,
+    )
+    session.use_example_input({"pixel_values": SWIN_X["pixel_values"][:1]})
+    names = {g.name for g in session.attach(model).groups()}
+    assert {"swin.encoder.layers.1.blocks.0:heads", "swin.encoder.layers.0.blocks.1:ffn"} <= names
+    assert {"swin.encoder.layers.0:hidden", "swin.encoder.layers.1:hidden"} <= names
+    plan = session.plan(model)
+    session.record(model, plan, session.execute(model, plan), epoch=0, step=0)
+    assert model(**SWIN_X).logits.shape == (2, 3)
+    assert count_macs(model, SWIN_X).total == pytest.approx(reference_macs(model, SWIN_X), rel=0.01)
+    assert config_mismatches(model)
+    with pytest.raises(PerLayerWidthsError, match="load_pruned"):
+        model.save_pretrained(str(tmp_path / "out"))
+    assert not (tmp_path / "out" / "config.json").exists()
