@@ -48,7 +48,7 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike[str], **kwargs: An
     Raises:
         PerLayerWidthsError: the layers have different widths (``uniform_widths=False``), or the config does
             not describe the modules (also for models of no known layout, pruned through torch-pruning's
-            graph, such as Swin: a model built from the config would have other parameter shapes); the
+            graph: a model built from the config would have other parameter shapes); the
             message says what differs and what to use instead.
 
     """

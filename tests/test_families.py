@@ -314,45 +314,224 @@ def test_t5_layer_0_is_never_removed_and_albert_layers_are_not_removable() -> No
     assert albert.config.num_hidden_layers == 3
 
 
-def test_swin_is_not_a_known_layout_its_heads_stay_and_the_rest_prunes() -> None:
-    """Swin (stages of different widths, per-head relative position bias tables, patch merging) goes through
-    torch-pruning's graph: its attention heads are protected (never cut through), its MLP widths prune."""
+def _swin(**overrides: object) -> torch.nn.Module:
+    """A tiny random Swin (2 stages of 2 blocks, 8 x 8 patches, windows of 4), weights perturbed off init."""
     transformers = pytest.importorskip("transformers")
-    config = transformers.SwinConfig(
-        image_size=32,
-        patch_size=4,
-        embed_dim=16,
-        depths=[2, 2],
-        num_heads=[2, 4],
-        window_size=4,
-        mlp_ratio=2.0,
-        num_labels=3,
-    )
+    kwargs: dict = {
+        "image_size": 32,
+        "patch_size": 4,
+        "embed_dim": 16,
+        "depths": [2, 2],
+        "num_heads": [2, 4],
+        "window_size": 4,
+        "mlp_ratio": 4.0,
+        "num_labels": 3,
+    }
+    kwargs.update(overrides)
     torch.manual_seed(0)
-    model = transformers.SwinForImageClassification(config).eval()
-    dense = {n: p.shape for n, p in model.named_parameters()}
-    assert detect(model) is None
-    x = {"pixel_values": torch.randn(2, 3, 32, 32)}
+    model = transformers.SwinForImageClassification(transformers.SwinConfig(**kwargs)).eval()
+    with torch.no_grad():  # the bias tables start at zero: give every parameter something to lose
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+SWIN_X = {"pixel_values": torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))}
+
+
+def _rebuilt(model: torch.nn.Module) -> torch.nn.Module:
+    """A model built from ``model``'s config alone, with its weights: what plain ``from_pretrained`` gives."""
+    import copy
+
+    fresh = type(model)(copy.deepcopy(model.config)).eval()
+    fresh.load_state_dict(model.state_dict())
+    return fresh
+
+
+def test_swin_is_a_known_layout_with_tied_heads_and_mlp_groups() -> None:
+    from lightning_hprune.core.families import SwinFamily
+
+    model = _swin()
+    family = detect(model)
+    assert isinstance(family, SwinFamily)
+    assert config_mismatches(model) == []
+    graph = PruningGraph(model, {"pixel_values": SWIN_X["pixel_values"][:1]})
+    assert graph._dg is None  # nothing traced
+    groups = {g.name: g for g in graph.groups()}
+    assert set(groups) == {"heads", "ffn"}
+    assert graph.protected_groups == {}
+    # one head unit: a stage-0 head (8 channels of embed_dim 16), 2 heads and 16 channels of stage 1
+    heads = groups["heads"]
+    assert (heads.size, heads.kind) == (2, "heads")
+    per_unit = {s.name: s.per_unit for s in heads.slots}
+    assert per_unit["swin.encoder.layers.0:hidden"] == 8
+    assert per_unit["swin.encoder.layers.1:hidden"] == 16
+    assert per_unit["swin.encoder.layers.0.blocks.1:heads"] == 1
+    assert per_unit["swin.encoder.layers.1.blocks.0:heads"] == 2
+    # one MLP unit: a channel of every stage-0 MLP, 2 of every stage-1 MLP
+    assert groups["ffn"].size == 64
+    assert {s.name: s.per_unit for s in groups["ffn"].slots}["swin.encoder.layers.1.blocks.1:ffn"] == 2
+    # only the last block of each stage may go: the shifted-window pattern stays what the config rebuilds
+    assert family.removable_layers(model) == [
+        "swin.encoder.layers.0.blocks.1",
+        "swin.encoder.layers.1.blocks.1",
+    ]
+    with pytest.raises(PruningError, match="shifted windows"):
+        family.remove_layers(model, ["swin.encoder.layers.0.blocks.0"])
+    with pytest.raises(PruningError, match="keeps at least one"):
+        family.remove_layers(model, ["swin.encoder.layers.0.blocks.0", "swin.encoder.layers.0.blocks.1"])
+
+
+def test_swin_heads_and_mlp_channels_go_exactly() -> None:
+    """A removed head (with its bias-table column) equals the dense model with the head's output-projection
+    columns zeroed; a removed MLP channel equals its ``fc2`` column zeroed."""
+    import copy
+
+    model = _swin()
+    dense = copy.deepcopy(model)
+    family = detect(model)
+    assert family is not None
+    plan = {
+        "swin.encoder.layers.0.blocks.1:heads": [0],
+        "swin.encoder.layers.1.blocks.0:heads": [1, 3],
+        "swin.encoder.layers.1.blocks.1:ffn": [0, 5, 7],
+    }
+    before = (
+        model.swin.encoder.layers[1].blocks[0].attention.relative_position_bias.relative_position_bias_table
+    )
+    before = before.detach().clone()
+    PruningGraph(model, SWIN_X, uniform=False).prune(plan)
+    attn = model.swin.encoder.layers[1].blocks[0].attention
+    torch.testing.assert_close(attn.relative_position_bias.relative_position_bias_table, before[:, [0, 2]])
+    assert (attn.num_attention_heads, attn.head_dim, attn.o_proj.in_features) == (2, 8, 16)
+    with torch.no_grad():
+        dense.swin.encoder.layers[0].blocks[1].attention.o_proj.weight[:, 0:8] = 0
+        for h in (1, 3):
+            dense.swin.encoder.layers[1].blocks[0].attention.o_proj.weight[:, h * 8 : (h + 1) * 8] = 0
+        dense.swin.encoder.layers[1].blocks[1].mlp.fc2.weight[:, [0, 5, 7]] = 0
+        torch.testing.assert_close(model(**SWIN_X).logits, dense(**SWIN_X).logits)
+    # per-layer widths: no SwinConfig describes them, so the model's own save_pretrained refuses
+    assert config_mismatches(model)
+    with pytest.raises(PerLayerWidthsError, match="load_pruned"):
+        model.save_pretrained("/nonexistent/never-written")
+
+
+def prune_swin(model: torch.nn.Module) -> PruningSession:
+    """One event of each kind in uniform mode: a block, then half of the heads and MLP widths."""
     session = PruningSession(
-        [BlockLevel(max_blocks=1, share=0.3, schedule="constant"), GlobalLevel()],
-        target=0.5,
+        [
+            BlockLevel(max_blocks=1, share=0.5, schedule="constant"),
+            LayerLevel(ratios={"heads": 0.5, "ffn": 0.5}),
+        ],
+        target=0.6,
         schedule=EventSchedule(0, 1),
         round_to=4,
         measure_latency=False,
     )
-    session.use_example_input({"pixel_values": x["pixel_values"][:1]})
+    session.use_example_input({"pixel_values": SWIN_X["pixel_values"][:1]})
     for epoch in range(2):
         plan = session.plan(model)
         session.record(model, plan, session.execute(model, plan), epoch=epoch, step=epoch)
-    assert session.graph is not None
-    assert any(".attention" in v for v in session.graph.protected_groups.values())
-    now = {n: p.shape for n, p in model.named_parameters()}
-    for name, shape in dense.items():
-        if "relative_position_bias_table" in name or any(k in name for k in ("q_proj", "k_proj", "v_proj")):
-            dim = 1 if "table" in name else 0  # the table has a column per head; q/k/v a row per head channel
-            assert now[name][dim] == shape[dim]  # heads and their position bias intact
-    assert any(now[n] != s for n, s in dense.items() if ".mlp.fc1." in n)  # MLP widths pruned
-    assert model(**x).logits.shape == (2, 3)
+    return session
+
+
+def test_swin_prunes_heads_mlp_and_a_block_with_a_true_config() -> None:
+    model = _swin()
+    x = SWIN_X
+    assert count_macs(model, x).total == pytest.approx(reference_macs(model, x), rel=0.01)
+    session = prune_swin(model)
+    cfg = model.config
+    stages = model.swin.encoder.layers
+    assert cfg.embed_dim == 8  # half the heads, head size 8 kept
+    assert list(cfg.num_heads) == [1, 2]
+    assert list(cfg.depths) in ([1, 2], [2, 1])  # the last block of one stage left
+    assert [len(s.blocks) for s in stages] == list(cfg.depths)
+    for i, stage in enumerate(stages):
+        for block in stage.blocks:
+            assert block.attention.head_dim == 8
+            assert block.attention.num_attention_heads == cfg.num_heads[i]
+            assert block.mlp.fc1.out_features == int(cfg.mlp_ratio * cfg.embed_dim * 2**i) < 4 * 16 * 2**i
+            table = block.attention.relative_position_bias.relative_position_bias_table
+            assert table.shape[1] == cfg.num_heads[i]
+    assert config_mismatches(model) == []
+    rebuilt = _rebuilt(model)  # the config alone builds the same model: same shifts, same outputs
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(**x).logits, model(**x).logits)
+    assert count_macs(model, x).total == pytest.approx(reference_macs(model, x), rel=0.01)
+    # the recorded history replays on a fresh model
+    fresh = _swin()
+    PruningGraph(fresh, {"pixel_values": x["pixel_values"][:1]}).replay(session.ledger.history)
+    assert {n: p.shape for n, p in fresh.named_parameters()} == {
+        n: p.shape for n, p in model.named_parameters()
+    }
+    assert fresh.config.to_dict() == model.config.to_dict()
+
+
+@pytest.mark.fit
+def test_pruned_swin_round_trips_through_plain_from_pretrained_in_a_fresh_process(tmp_path: Path) -> None:
+    model = _swin()
+    prune_swin(model)
+    model.save_pretrained(tmp_path / "swin")
+    with torch.no_grad():
+        torch.save({"x": SWIN_X, "logits": model(**SWIN_X).logits}, tmp_path / "reference.pt")
+    code = (
+        "import sys, torch, warnings, transformers\n"
+        "warnings.filterwarnings('ignore')\n"
+        "m = transformers.AutoModelForImageClassification.from_pretrained(sys.argv[1] + '/swin').eval()\n"
+        "ref = torch.load(sys.argv[1] + '/reference.pt')\n"
+        "with torch.no_grad():\n"
+        "    d = float((m(**ref['x']).logits - ref['logits']).abs().max())\n"
+        "print(type(m).__name__, d, 'lightning_hprune' in sys.modules)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    name, diff, imported = proc.stdout.split()
+    assert name == "SwinForImageClassification"
+    assert float(diff) <= 1e-5
+    assert imported == "False"
+
+
+def test_swin_heads_that_do_not_scale_with_the_stage_widths_are_protected() -> None:
+    """Head sizes 12 and 16 (embed_dim 24, heads [2, 3]): the least cut of embed_dim that removes whole heads
+    in both stages is all 24 channels, so the heads stay, with the reason; the MLP still prunes."""
+    model = _swin(embed_dim=24, num_heads=[2, 3])
+    graph = PruningGraph(model, SWIN_X)
+    assert {g.name for g in graph.groups()} == {"ffn"}
+    assert "head size" in graph.protected_groups["heads"]
+    [ffn] = graph.groups()
+    from lightning_hprune.core.importance import MagnitudeImportance
+
+    ffn.score(MagnitudeImportance())
+    graph.prune(ffn.expand(list(range(32))))
+    assert config_mismatches(model) == []
+    with torch.no_grad():
+        torch.testing.assert_close(_rebuilt(model)(**SWIN_X).logits, model(**SWIN_X).logits)
+
+
+def test_swin_per_layer_widths_prune_each_block_and_stage_and_refuse_save_pretrained(tmp_path: Path) -> None:
+    model = _swin()
+    session = PruningSession(
+        [GlobalLevel()],
+        target=0.5,
+        schedule=EventSchedule(0, 0),
+        round_to=4,
+        measure_latency=False,
+        uniform_widths=False,
+    )
+    session.use_example_input({"pixel_values": SWIN_X["pixel_values"][:1]})
+    names = {g.name for g in session.attach(model).groups()}
+    assert {"swin.encoder.layers.1.blocks.0:heads", "swin.encoder.layers.0.blocks.1:ffn"} <= names
+    assert {"swin.encoder.layers.0:hidden", "swin.encoder.layers.1:hidden"} <= names
+    plan = session.plan(model)
+    session.record(model, plan, session.execute(model, plan), epoch=0, step=0)
+    assert model(**SWIN_X).logits.shape == (2, 3)
+    assert count_macs(model, SWIN_X).total == pytest.approx(reference_macs(model, SWIN_X), rel=0.01)
+    assert config_mismatches(model)
+    with pytest.raises(PerLayerWidthsError, match="load_pruned"):
+        model.save_pretrained(str(tmp_path / "out"))
+    assert not (tmp_path / "out" / "config.json").exists()
 
 
 # ---------------------------------------------------------------------- BART: an encoder-decoder, two stacks

@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from lightning_hprune import HierarchicalPruning, load_pruned
-from lightning_hprune.core.families import TransformerFamily, detect
-from lightning_hprune.core.families.pretrained import PerLayerWidthsError, config_mismatches
+from lightning_hprune.core.families import SwinFamily, TransformerFamily, detect
+from lightning_hprune.core.families.pretrained import config_mismatches
 from lightning_hprune.hf import save_pretrained
 from tests.helpers import trainer as quiet_trainer
 from tests.zoo import BY_NAME as FAMILY_BY_NAME
@@ -55,9 +55,9 @@ def _swin() -> nn.Module:
     config = transformers.SwinConfig(
         image_size=IMAGE,
         patch_size=4,
-        embed_dim=16,
+        embed_dim=32,
         depths=[2, 2],
-        num_heads=[2, 4],
+        num_heads=[8, 16],  # head size 4: a head step removes an eighth of every stage's width
         window_size=4,
         mlp_ratio=4.0,
         num_labels=3,
@@ -125,7 +125,8 @@ CASES = [
     _case("electra", 0.5, "macs", {"num_attention_heads": 8}),
     _case("vit", 0.5, "params"),
     _case("deit", 0.5, "macs"),
-    HFCase(SWIN, 0.4, "params", frozenset({"ffn"}), frozenset({"heads"}), known=False),
+    # Swin: heads go with their channels of every stage's width (head size kept, widths embed_dim * 2**i)
+    HFCase(SWIN, 0.5, "params", frozenset({"heads", "ffn", "hidden", "layers"})),
     _case("t5-encoder", 0.5, "params", {"num_heads": 8, "d_kv": 6}),
     # encoder and decoder: layers of both stacks, both FFN widths, and heads of every attention tied with d_model
     _case("bart-cls", 0.4, "macs", {"encoder_attention_heads": 8, "decoder_attention_heads": 8}),
@@ -219,6 +220,17 @@ def _params(model: nn.Module) -> int:
 
 def _shape(model: nn.Module) -> dict[str, Any]:
     family = detect(model)
+    if isinstance(family, SwinFamily):  # per stage i: widths, heads and MLPs are 2**i times stage 0's
+        stages = family._read()
+        blocks = [(i, b) for i, st in enumerate(stages) for b in st.blocks]
+        return {
+            "layers": len(blocks),
+            "heads": {b.heads / 2**i for i, b in blocks},
+            "kv": {b.heads / 2**i for i, b in blocks},
+            "ffn": {b.ffn / 2**i for i, b in blocks},
+            "hidden": stages[0].width,
+            "head_dim": {b.head_dim for _, b in blocks},
+        }
     assert isinstance(family, TransformerFamily), type(model).__name__
     layers = family._read()
     return {
@@ -343,18 +355,26 @@ def test_hf_model_prunes_in_a_fit_keeps_its_config_trains_and_reloads(
             n: p.shape for n, p in hf.state_dict().items()
         }
         cfg = hf.config
-        assert cfg.num_attention_heads == heads
-        assert cfg.hidden_size == now["hidden"]
         family = detect(hf)
-        assert isinstance(family, TransformerFamily)
-        if family.layout.kv_key:
+        if isinstance(family, SwinFamily):  # stage i: embed_dim * 2**i wide, num_heads[i] heads
+            assert cfg.embed_dim == now["hidden"]
+            assert list(cfg.num_heads) == [int(heads * 2**i) for i in range(len(cfg.depths))]
+            assert sum(cfg.depths) == now["layers"]
+        else:
+            assert isinstance(family, TransformerFamily)
+            assert cfg.num_attention_heads == heads
+            assert cfg.hidden_size == now["hidden"]
+        if isinstance(family, TransformerFamily) and family.layout.kv_key:
             assert getattr(cfg, family.layout.kv_key) == kv
-        for layout in family.stacks():  # renumbered for key/value caches, per layer list (BART: two)
+        stacks = family.stacks() if isinstance(family, TransformerFamily) else []
+        for layout in stacks:  # renumbered for key/value caches, per layer list (BART: two)
             stack = family._layer_list(layout)
             indices = [m.layer_idx for m in stack.modules() if isinstance(m.__dict__.get("layer_idx"), int)]
             if indices:
                 assert sorted(set(indices)) == list(range(len(stack)))
-        if family.layout.decoder is not None:  # the decoder's config is true too, and it was pruned
+        if (
+            isinstance(family, TransformerFamily) and family.layout.decoder is not None
+        ):  # the decoder's config is true too, and it was pruned
             decoder = family._read(family.layout.decoder)
             dense_family = detect(dense)
             assert isinstance(dense_family, TransformerFamily)
@@ -365,24 +385,6 @@ def test_hf_model_prunes_in_a_fit_keeps_its_config_trains_and_reloads(
             assert (
                 getattr(cfg, family.layout.decoder.intermediate_key) == decoder[0].ffn < dense_decoder[0].ffn
             )
-    else:  # Swin: traced by torch-pruning; MLP widths pruned, heads and their position bias tables intact
-        assert detect(hf) is None
-        assert any(".attention" in v for v in protected.values()), protected
-        now_shapes = {n: p.shape for n, p in hf.named_parameters()}
-        for n, p in dense.named_parameters():
-            if "relative_position_bias_table" in n:
-                assert now_shapes[n] == p.shape
-            if any(k in n for k in (".query.", ".key.", ".value.")):
-                assert now_shapes[n][0] == p.shape[0]
-        assert any(now_shapes[n] != p.shape for n, p in dense.named_parameters() if ".mlp.fc1." in n)
-        # its config cannot describe the pruned MLP widths: saving for plain from_pretrained is refused
-        with pytest.raises(PerLayerWidthsError, match=r"mlp\.fc1\.weight is .* but the config builds"):
-            save_pretrained(module, run.checkpoint.parent / "hf")
-        # and so is the model's own save_pretrained: no directory that from_pretrained rejects is written
-        with pytest.raises(PerLayerWidthsError, match=r"mlp\.fc1\.weight is .* but the config builds"):
-            hf.save_pretrained(run.checkpoint.parent / "hf_own")
-        assert not (run.checkpoint.parent / "hf_own").exists()
-
     # output shape kept; training continues with finite losses and gradients
     with torch.no_grad():
         dense_out = logits(dense.eval(), run.probe)

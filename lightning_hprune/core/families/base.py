@@ -123,7 +123,36 @@ class FamilyGroup(ChannelGroup):
         return total
 
 
-# ---------------------------------------------------------------------- slicing
+# ---------------------------------------------------------------------- cuts and slicing
+def weight_dim(module: nn.Module, role: str) -> int:
+    """The weight dimension of a projection's outputs (``"out"``) or inputs (``"in"``): HF ``Conv1D`` is ``[in, out]``."""
+    if type(module).__name__ == "Conv1D":
+        return 1 if role == "out" else 0
+    return 0 if role == "out" else 1
+
+
+def proj_cuts(name: str, module: nn.Module, role: str, units: Sequence[Sequence[int]]) -> list[Cut]:
+    """Cuts of a projection's output rows (``role="out"``, with the bias) or input columns (``"in"``).
+
+    Works for ``nn.Linear``, ungrouped ``nn.Conv2d`` (weight ``[out, in, kh, kw]``) and Hugging Face ``Conv1D``.
+    """
+    u = tuple(tuple(x) for x in units)
+    cuts = [Cut(module, name, "weight", weight_dim(module, role), role, u)]
+    if role == "out" and module._parameters.get("bias") is not None:
+        cuts.append(Cut(module, name, "bias", 0, role, u))
+    return cuts
+
+
+def norm_cuts(name: str, module: nn.Module, units: Sequence[Sequence[int]]) -> list[Cut]:
+    """Cuts of a norm's weight and bias (those it has)."""
+    u = tuple(tuple(x) for x in units)
+    return [
+        Cut(module, name, pname, 0, "norm", u)
+        for pname in ("weight", "bias")
+        if module._parameters.get(pname) is not None
+    ]
+
+
 def slice_parameters(removals: Sequence[tuple[Cut, Sequence[int]]]) -> None:
     """Remove the indices of every cut's parameter (each tensor sliced once, tied parameters stay tied).
 
@@ -230,6 +259,10 @@ class Family(abc.ABC):
     def uniform(self, model: nn.Module) -> bool:
         """Whether every layer has the same widths (what one config value can describe)."""
         return True
+
+    def mismatches(self, model: nn.Module) -> list[str]:
+        """What the config says that the modules contradict (default: nothing known)."""
+        return []
 
     def describe(self) -> str:
         """One line for logs."""

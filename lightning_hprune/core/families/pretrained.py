@@ -45,8 +45,10 @@ def config_mismatches(model: nn.Module) -> list[str]:
     from lightning_hprune.core.families import TransformerFamily, detect
 
     family = detect(model)
-    if not isinstance(family, TransformerFamily):
+    if family is None:
         return []
+    if not isinstance(family, TransformerFamily):  # another layout (Swin) says itself
+        return family.mismatches(model)
     config, problems = family.config, []
     expect: dict[str, int] = {"hidden_size": family.hidden_size()}
     for layout in family.stacks():  # the encoder's layers (or a decoder-only model's), then a decoder's

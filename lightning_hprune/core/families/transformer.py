@@ -43,7 +43,7 @@ from typing import Any
 import torch.nn as nn
 
 from lightning_hprune.core.cuts import Cut
-from lightning_hprune.core.families.base import Family, FamilyGroup, Slot, fix_attributes
+from lightning_hprune.core.families.base import Family, FamilyGroup, Slot, fix_attributes, proj_cuts
 from lightning_hprune.core.families.pretrained import guard_save_pretrained
 from lightning_hprune.core.graph import PruningError
 
@@ -587,14 +587,8 @@ class TransformerFamily(Family):
         return True
 
     # ------------------------------------------------------------------ cuts
-    @staticmethod
-    def _proj_cuts(name: str, module: nn.Module, role: str, units: Sequence[Sequence[int]]) -> list[Cut]:
-        """Cuts of a projection's output rows (``role="out"``, with the bias) or input columns (``"in"``)."""
-        u = tuple(tuple(x) for x in units)
-        cuts = [Cut(module, name, "weight", _dim(module, role), role, u)]
-        if role == "out" and module._parameters.get("bias") is not None:
-            cuts.append(Cut(module, name, "bias", 0, role, u))
-        return cuts
+    #: Cuts of a projection's output rows or input columns (:func:`~lightning_hprune.core.families.base.proj_cuts`).
+    _proj_cuts = staticmethod(proj_cuts)
 
     def _layer_slots(self, lay: _Layer) -> list[Slot]:
         layout, hd, n_rep = lay.layout, lay.head_dim, lay.heads // lay.kv
