@@ -48,7 +48,7 @@ from lightning_hprune.core.closed_loop import ClosedLoop
 from lightning_hprune.core.cost import Cost
 from lightning_hprune.core.distill import Distillation
 from lightning_hprune.core.graph import PruningError, match_modules
-from lightning_hprune.core.importance import Importance
+from lightning_hprune.core.importance import GroupTaylorImportance, Importance
 from lightning_hprune.core.latency_cost import LatencyCost
 from lightning_hprune.core.levels import Level
 from lightning_hprune.core.measure import LatencyMeasurement
@@ -119,7 +119,9 @@ class PruningCallback(Callback):
         every_n_epochs: epochs between events.
         importance: the criterion: an ``Importance`` object, or ``"l1"``, ``"l2"``, ``"taylor"``,
             ``"group_taylor"``, ``"activation"``, ``"apoz"``, ``"activation_weighted"``, ``"bn_scale"``, ``"random"`` (see
-            ``docs/criteria.md``).
+            ``docs/criteria.md``). Default: group Taylor from the fit's own gradients
+            (``GroupTaylorImportance(strict=False)``, chosen from the criteria benchmarks), or L2 magnitude under a
+            sharded strategy, whose gradients are split across processes.
         round_to: kept widths are multiples of this (hardware alignment; 1 disables).
         ignored_layers: module-name glob patterns whose output width must not change. Layers producing the
             model's outputs are always kept.
@@ -191,7 +193,7 @@ class PruningCallback(Callback):
             target=target,
             cost=cost,
             schedule=EventSchedule(start_epoch, end_epoch, every_n_epochs, schedule, decay),
-            importance=importance,
+            importance=GroupTaylorImportance(strict=False) if importance is None else importance,
             round_to=round_to,
             tolerance=tolerance,
             ignored_layers=ignored_layers,
@@ -204,6 +206,8 @@ class PruningCallback(Callback):
             uniform_widths=uniform_widths,
         )
         self._own_levels = list(levels)
+        #: The criterion was not chosen by the user (a sharded strategy swaps it for L2 magnitude).
+        self.session.default_importance = importance is None
         if distillation is not None and not isinstance(distillation, Distillation):
             raise ValueError(
                 f"Expected argument `distillation` to be a `Distillation` or None, but got {distillation!r}."

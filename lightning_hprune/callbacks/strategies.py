@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lightning_hprune.core.importance import MagnitudeImportance
 from lightning_hprune.core.optim_state import ParameterSurgery, record_parameter_surgery, remap_optimizer
 from lightning_hprune.core.session import PruningSession, history_of
 from lightning_hprune.core.sharding import Unsharded, no_saved_tensors, releasing, reshard_all, unshard
@@ -87,6 +88,9 @@ class ShardedPruning:
                 "a copy of the model, which would have to be taken and restored across the shards. Use "
                 "`closed_loop=None` with sharded models, or prune under strategy='ddp'."
             )
+        if session.importance.needs_training_statistics and session.default_importance:
+            # the default criterion reads every step's gradients, which are sharded here: use weight magnitude
+            session.importance = MagnitudeImportance(p=2)
         if session.importance.needs_training_statistics:
             raise RuntimeError(
                 f"{cls}(importance={session.importance!r}) is not supported with {type(strategy).__name__}: its "

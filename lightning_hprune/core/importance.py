@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import abc
 import importlib
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -451,11 +452,19 @@ class GroupTaylorImportance(Importance):
     channels that are left; every ``.grad`` of the model is cleared before and after the event. Channels no
     tracked layer reads (grouped convolutions, attention products) fall back to weight magnitude. Under
     DDP the per-process sums are added. Non-finite contributions (a skipped AMP step) are ignored.
+
+    Args:
+        strict: raise when an event comes before any optimizer step was seen; ``False`` (the callbacks' default
+            criterion) scores that event by weight magnitude instead, with a warning.
+
     """
 
     needs_training_statistics = True
 
-    def __init__(self) -> None:
+    def __init__(self, strict: bool = True) -> None:
+        if not isinstance(strict, bool):
+            raise ValueError(f"Expected argument `strict` to be a bool, but got {strict!r}.")
+        self.strict = strict
         self._acc: dict[str, torch.Tensor] = {}
         self.steps = 0
         self._model: nn.Module | None = None
@@ -519,11 +528,14 @@ class GroupTaylorImportance(Importance):
 
         """
         if not self._acc:
-            raise RuntimeError(
+            message = (
                 "GroupTaylorImportance has no gradient statistics: no optimizer step was seen since the last "
                 "pruning event. The pruning callbacks feed it from `on_before_optimizer_step`; when scoring "
                 "by hand, call `importance.on_before_optimizer_step(model)` after each backward pass."
             )
+            if self.strict:
+                raise RuntimeError(message)
+            warnings.warn(message + " This event scores by weight magnitude.", stacklevel=2)
         readers = self._readers(model)
         keys = sorted(
             k for k, v in self._acc.items() if k in readers and v.numel() == self._width(*readers[k])

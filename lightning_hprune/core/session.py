@@ -283,6 +283,8 @@ class PruningSession:
         self.timeline = RunTimeline()
         self.example_input: Any = None
         self._warned_calibration = False
+        #: Set by the pruning callbacks when the user chose no criterion (see ``ShardedPruning.check``).
+        self.default_importance = False
         #: ``{group name: metric drop}`` from the sensitivity analysis, once it ran.
         self.sensitivity_drops: dict[str, float] | None = None
         self._graph: PruningGraph | None = None
