@@ -192,7 +192,14 @@ def test_repeated_level_classes_log_under_distinct_names(tmp_path):
 
 # ---------------------------------------------------------------- per-level callbacks
 # fine steps on these narrow layers (the window level aligns to its windows)
-COMMON = {"measure_latency": False, "verbose": False, "start_epoch": 0, "end_epoch": 1, "round_to": 2}
+COMMON = {
+    "measure_latency": False,
+    "verbose": False,
+    "start_epoch": 0,
+    "end_epoch": 1,
+    "round_to": 2,
+    "importance": "l2",
+}
 
 
 @pytest.mark.fit
@@ -321,7 +328,9 @@ def test_hierarchy_yaml_runs_a_short_fit_through_the_cli(tmp_path, monkeypatch):
     config["trainer"]["max_epochs"] = 2
     config["data"]["init_args"]["limit"] = 128
     config["model"]["init_args"] = {"widths": [8, 16, 16], "blocks": [2, 2, 2]}
-    config["trainer"]["callbacks"][0]["init_args"].update(end_epoch=0, target=0.4, round_to=4)
+    config["trainer"]["callbacks"][0]["init_args"].update(
+        end_epoch=0, target=0.4, round_to=4, importance="l2"
+    )
     config["trainer"]["callbacks"][0]["init_args"]["levels"][2]["init_args"]["window_size"] = 4
     path = tmp_path / "short.yaml"
     path.write_text(yaml.safe_dump(config))
