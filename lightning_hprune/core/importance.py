@@ -24,6 +24,7 @@ from __future__ import annotations
 import abc
 import importlib
 import warnings
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -261,7 +262,97 @@ def _module_parameter(module: nn.Module, name: str) -> torch.Tensor | None:
 
 
 # ---------------------------------------------------------------------- data-driven criteria
-class TaylorImportance(Importance):
+class _GradientStatistics(Importance):
+    """What the gradient criteria share: statistics accumulated at every optimizer step.
+
+    Per-key statistics are summed over processes before an event, carried in ``.grad`` during it, cleared
+    after it, and checkpointed.
+
+    Subclasses say which tensors they track (:meth:`_tracked`, cached between events: the modules an event
+    leaves are the same objects) and what one step adds (:meth:`on_before_optimizer_step` via :meth:`_add`).
+    """
+
+    needs_training_statistics = True
+
+    def __init__(self) -> None:
+        self._acc: dict[str, torch.Tensor] = {}
+        self.steps = 0
+        self._model: nn.Module | None = None
+        self._fallback = MagnitudeImportance(p=2)
+        self._cache: tuple[weakref.ref[nn.Module], dict[str, Any]] | None = None
+
+    @abc.abstractmethod
+    def _find(self, model: nn.Module) -> dict[str, Any]:
+        """The tracked entries of ``model`` by key."""
+
+    def _tracked(self, model: nn.Module) -> dict[str, Any]:
+        """:meth:`_find`, walked once per model between events (every step reads it)."""
+        if self._cache is None or self._cache[0]() is not model:
+            self._cache = (weakref.ref(model), self._find(model))
+        return self._cache[1]
+
+    @staticmethod
+    def _allowed(optimizer: torch.optim.Optimizer | None) -> set[int] | None:
+        """Ids of the parameters ``optimizer`` steps (``None``: every parameter)."""
+        if optimizer is None:
+            return None
+        return {id(p) for g in optimizer.param_groups for p in g["params"]}
+
+    def _add(self, key: str, contrib: torch.Tensor) -> None:
+        """Add one step's contribution (non-finite values, a skipped AMP step, count as zero)."""
+        contrib = torch.nan_to_num_(contrib, nan=0.0, posinf=0.0, neginf=0.0)
+        acc = self._acc.get(key)
+        if acc is None or acc.shape != contrib.shape:
+            self._acc[key] = contrib
+        else:
+            if acc.device != contrib.device:  # statistics restored from a checkpoint live on the CPU
+                acc = self._acc[key] = acc.to(contrib.device)
+            acc.add_(contrib)
+
+    def _missing(self) -> str:
+        return (
+            f"{type(self).__name__} has no gradient statistics: no optimizer step was seen since the last "
+            "pruning event. The pruning callbacks feed it from `on_before_optimizer_step`; when scoring "
+            "by hand, call `importance.on_before_optimizer_step(model)` after each backward pass."
+        )
+
+    def _sum_over_processes(self, keys: Sequence[str], reduce: Reduce | None, device: torch.device) -> None:
+        """Sum the statistics of ``keys`` over processes in one collective, on ``device``."""
+        if reduce is None or not keys:
+            return
+        flat = reduce(torch.cat([self._acc[k].to(device).flatten() for k in keys]))
+        offset = 0
+        for k in keys:
+            n = self._acc[k].numel()
+            self._acc[k] = flat[offset : offset + n].view_as(self._acc[k]).clone()
+            offset += n
+
+    def _check_prepared(self) -> None:
+        if self._model is None:
+            raise RuntimeError(f"{type(self).__name__} was called before `prepare(model)`.")
+
+    def reset(self) -> None:
+        """Clear the statistics and the ``.grad`` carriers."""
+        if self._model is not None:
+            for p in self._model.parameters():
+                p.grad = None
+        self._model = None
+        self._acc = {}
+        self.steps = 0
+        self._cache = None  # the event may have removed modules
+
+    def state_dict(self) -> dict[str, Any]:
+        """The accumulated statistics (CPU copies) and the number of steps."""
+        return {"acc": {k: v.detach().cpu().clone() for k, v in self._acc.items()}, "steps": self.steps}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore statistics saved by :meth:`state_dict`."""
+        self._acc = {str(k): v.clone() for k, v in dict(state.get("acc", {})).items()}
+        self.steps = int(state.get("steps", 0))
+        self._cache = None  # a rollback may have restored other modules
+
+
+class TaylorImportance(_GradientStatistics):
     """First-order Taylor importance: ``sum |w * g|`` over the weights a channel owns.
 
     ``|w * g|`` is accumulated element-wise over every optimizer step since the last event, from the
@@ -277,21 +368,16 @@ class TaylorImportance(Importance):
 
     """
 
-    needs_training_statistics = True
-
     def __init__(self, bias: bool = True) -> None:
         if not isinstance(bias, bool):
             raise ValueError(f"Expected argument `bias` to be a bool, but got {bias!r}.")
+        super().__init__()
         self.bias = bias
-        self._acc: dict[str, torch.Tensor] = {}
-        self.steps = 0
-        self._model: nn.Module | None = None
-        self._fallback = MagnitudeImportance(p=2)
 
-    def _parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
+    def _find(self, model: nn.Module) -> dict[str, Any]:
         names = ("weight", "bias") if self.bias else ("weight",)
         targets = tuple(_magnitude_target_types())
-        out: dict[str, nn.Parameter] = {}
+        out: dict[str, tuple[nn.Module, str]] = {}
         for mname, m in model.named_modules():
             if (
                 not isinstance(m, targets)
@@ -300,9 +386,8 @@ class TaylorImportance(Importance):
             ):
                 continue
             for pname in names:
-                p = m._parameters.get(pname)
-                if p is not None:
-                    out[f"{mname}.{pname}" if mname else pname] = p
+                if m._parameters.get(pname) is not None:
+                    out[f"{mname}.{pname}" if mname else pname] = (m, pname)
         return out
 
     @torch.no_grad()
@@ -310,22 +395,13 @@ class TaylorImportance(Importance):
         self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None
     ) -> None:
         """Add ``|w * g|`` of this step (only the parameters of ``optimizer`` when given)."""
-        allowed = None
-        if optimizer is not None:
-            allowed = {id(p) for g in optimizer.param_groups for p in g["params"]}
-        for key, p in self._parameters(model).items():
-            g = p.grad
-            if g is None or g.is_sparse or (allowed is not None and id(p) not in allowed):
+        allowed = self._allowed(optimizer)
+        for key, (module, name) in self._tracked(model).items():
+            p = module._parameters.get(name)
+            g = p.grad if p is not None else None
+            if p is None or g is None or g.is_sparse or (allowed is not None and id(p) not in allowed):
                 continue
-            contrib = (p.detach().float() * g.detach().float()).abs_()
-            contrib = torch.nan_to_num_(contrib, nan=0.0, posinf=0.0, neginf=0.0)
-            acc = self._acc.get(key)
-            if acc is None or acc.shape != contrib.shape:
-                self._acc[key] = contrib
-            else:
-                if acc.device != contrib.device:  # statistics restored from a checkpoint live on the CPU
-                    acc = self._acc[key] = acc.to(contrib.device)
-                acc.add_(contrib)
+            self._add(key, (p.detach().float() * g.detach().float()).abs_())
         self.steps += 1
 
     @torch.no_grad()
@@ -339,22 +415,11 @@ class TaylorImportance(Importance):
 
         """
         if not self._acc:
-            raise RuntimeError(
-                "TaylorImportance has no gradient statistics: no optimizer step was seen since the last "
-                "pruning event. The pruning callbacks feed it from `on_before_optimizer_step`; when scoring "
-                "by hand, call `importance.on_before_optimizer_step(model)` after each backward pass."
-            )
-        live = self._parameters(model)
+            raise RuntimeError(self._missing())
+        live = {k: m._parameters[n] for k, (m, n) in self._find(model).items()}
         keys = sorted(k for k, v in self._acc.items() if k in live and live[k].shape == v.shape)
-        if reduce is not None and keys:
-            device = live[keys[0]].device
-            flat = torch.cat([self._acc[k].to(device).flatten() for k in keys])
-            flat = reduce(flat)
-            offset = 0
-            for k in keys:
-                n = self._acc[k].numel()
-                self._acc[k] = flat[offset : offset + n].view_as(self._acc[k]).clone()
-                offset += n
+        if keys:
+            self._sum_over_processes(keys, reduce, live[keys[0]].device)
         for p in model.parameters():
             p.grad = None
         for k in keys:
@@ -365,8 +430,7 @@ class TaylorImportance(Importance):
     @torch.no_grad()
     def __call__(self, group: Any) -> torch.Tensor:
         """Return the accumulated ``sum |w * g|`` of each channel, summed over the group's layers."""
-        if self._model is None:
-            raise RuntimeError("TaylorImportance was called before `prepare(model)`.")
+        self._check_prepared()
 
         def local(module: nn.Module, handler: Any, idxs: Sequence[int]) -> torch.Tensor | None:
             tensors: dict[str, torch.Tensor | None] = {}
@@ -381,8 +445,7 @@ class TaylorImportance(Importance):
     @torch.no_grad()
     def score_cuts(self, cuts: Sequence[Cut]) -> torch.Tensor:
         """The accumulated ``sum |w * g|`` over everything each unit owns (all cuts), or magnitude without it."""
-        if self._model is None:
-            raise RuntimeError("TaylorImportance was called before `prepare(model)`.")
+        self._check_prepared()
         names = ("weight", "bias") if self.bias else ("weight",)
         parts = []
         for c in cuts:
@@ -392,24 +455,6 @@ class TaylorImportance(Importance):
         if not parts:
             return self._fallback.score_cuts(cuts)
         return torch.stack(parts).sum(0)
-
-    def reset(self) -> None:
-        """Clear the statistics and the ``.grad`` carriers."""
-        if self._model is not None:
-            for p in self._model.parameters():
-                p.grad = None
-        self._model = None
-        self._acc = {}
-        self.steps = 0
-
-    def state_dict(self) -> dict[str, Any]:
-        """The accumulated statistics (CPU copies) and the number of steps."""
-        return {"acc": {k: v.detach().cpu().clone() for k, v in self._acc.items()}, "steps": self.steps}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore statistics saved by :meth:`state_dict`."""
-        self._acc = {str(k): v.clone() for k, v in dict(state.get("acc", {})).items()}
-        self.steps = int(state.get("steps", 0))
 
 
 def _reader_layout(module: nn.Module) -> tuple[int, int] | None:
@@ -434,7 +479,7 @@ def _reader_layout(module: nn.Module) -> tuple[int, int] | None:
     return None
 
 
-class GroupTaylorImportance(Importance):
+class GroupTaylorImportance(_GradientStatistics):
     """Group Taylor importance (Molchanov et al., CVPR 2019): the squared loss change of a channel, per step.
 
     Removing input channel ``c`` of a layer that reads it changes the loss, to first order, by the sum of
@@ -459,19 +504,13 @@ class GroupTaylorImportance(Importance):
 
     """
 
-    needs_training_statistics = True
-
     def __init__(self, strict: bool = True) -> None:
         if not isinstance(strict, bool):
             raise ValueError(f"Expected argument `strict` to be a bool, but got {strict!r}.")
+        super().__init__()
         self.strict = strict
-        self._acc: dict[str, torch.Tensor] = {}
-        self.steps = 0
-        self._model: nn.Module | None = None
-        self._fallback = MagnitudeImportance(p=2)
 
-    @staticmethod
-    def _readers(model: nn.Module) -> dict[str, tuple[nn.Module, int, int]]:
+    def _find(self, model: nn.Module) -> dict[str, Any]:
         out: dict[str, tuple[nn.Module, int, int]] = {}
         for name, m in model.named_modules():
             layout = _reader_layout(m)
@@ -480,7 +519,7 @@ class GroupTaylorImportance(Importance):
         return out
 
     @staticmethod
-    def _per_input(w: torch.Tensor, values: torch.Tensor, dim: int, groups: int) -> torch.Tensor:
+    def _per_input(values: torch.Tensor, dim: int, groups: int) -> torch.Tensor:
         """``values`` (shaped like ``w``) summed over everything but the input channel: one value per input."""
         if groups > 1:  # depthwise: the input channel is the filter's row
             return values.flatten(1).sum(1, dtype=torch.float32)
@@ -492,23 +531,13 @@ class GroupTaylorImportance(Importance):
         self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None
     ) -> None:
         """Add ``(sum of w * g over each input channel)^2`` of this step."""
-        allowed = None
-        if optimizer is not None:
-            allowed = {id(p) for g in optimizer.param_groups for p in g["params"]}
-        for key, (module, dim, groups) in self._readers(model).items():
-            p = module._parameters["weight"]
+        allowed = self._allowed(optimizer)
+        for key, (module, dim, groups) in self._tracked(model).items():
+            p = module._parameters.get("weight")
             g = p.grad if p is not None else None
             if p is None or g is None or g.is_sparse or (allowed is not None and id(p) not in allowed):
                 continue
-            s = self._per_input(p, p.detach() * g.detach(), dim, groups).pow_(2)
-            s = torch.nan_to_num_(s, nan=0.0, posinf=0.0, neginf=0.0)
-            acc = self._acc.get(key)
-            if acc is None or acc.shape != s.shape:
-                self._acc[key] = s
-            else:
-                if acc.device != s.device:  # statistics restored from a checkpoint live on the CPU
-                    acc = self._acc[key] = acc.to(s.device)
-                acc.add_(s)
+            self._add(key, self._per_input(p.detach() * g.detach(), dim, groups).pow_(2))
         self.steps += 1
 
     @staticmethod
@@ -528,25 +557,15 @@ class GroupTaylorImportance(Importance):
 
         """
         if not self._acc:
-            message = (
-                "GroupTaylorImportance has no gradient statistics: no optimizer step was seen since the last "
-                "pruning event. The pruning callbacks feed it from `on_before_optimizer_step`; when scoring "
-                "by hand, call `importance.on_before_optimizer_step(model)` after each backward pass."
-            )
             if self.strict:
-                raise RuntimeError(message)
-            warnings.warn(message + " This event scores by weight magnitude.", stacklevel=2)
-        readers = self._readers(model)
+                raise RuntimeError(self._missing())
+            warnings.warn(self._missing() + " This event scores by weight magnitude.", stacklevel=2)
+        readers = self._find(model)
         keys = sorted(
             k for k, v in self._acc.items() if k in readers and v.numel() == self._width(*readers[k])
         )
-        if reduce is not None and keys:
-            flat = reduce(torch.cat([self._acc[k].flatten() for k in keys]))
-            offset = 0
-            for k in keys:
-                n = self._acc[k].numel()
-                self._acc[k] = flat[offset : offset + n].clone()
-                offset += n
+        if keys:
+            self._sum_over_processes(keys, reduce, readers[keys[0]][0].weight.device)
         for p in model.parameters():
             p.grad = None
         for k in keys:
@@ -570,8 +589,7 @@ class GroupTaylorImportance(Importance):
     @torch.no_grad()
     def __call__(self, group: Any) -> torch.Tensor:
         """Return each channel's accumulated squared loss change, summed over the group's readers."""
-        if self._model is None:
-            raise RuntimeError("GroupTaylorImportance was called before `prepare(model)`.")
+        self._check_prepared()
 
         def local(module: nn.Module, handler: Any, idxs: Sequence[int]) -> torch.Tensor | None:
             if handler not in _IN and handler not in _DEPTHWISE:
@@ -580,11 +598,8 @@ class GroupTaylorImportance(Importance):
             if carried is None:
                 return None
             grad, dim, groups = carried
-            per = (
-                grad.flatten(1).float().mean(1)
-                if groups > 1
-                else grad.float().mean(dim=[d for d in range(grad.dim()) if d != dim])
-            )
+            # one value repeated along the input's slice: its mean is that value
+            per = self._per_input(grad, dim, groups) / (grad.numel() // self._width(module, dim, groups))
             return per[_index(idxs, per.device)]
 
         scores = reduce_over_group(group, local, how="sum")
@@ -593,8 +608,7 @@ class GroupTaylorImportance(Importance):
     @torch.no_grad()
     def score_cuts(self, cuts: Sequence[Cut]) -> torch.Tensor:
         """Each unit's accumulated squared loss change: summed over its channels and the cuts that read them."""
-        if self._model is None:
-            raise RuntimeError("GroupTaylorImportance was called before `prepare(model)`.")
+        self._check_prepared()
         parts = []
         for c in cuts:
             if c.role != "in" or c.param != "weight":
@@ -608,24 +622,6 @@ class GroupTaylorImportance(Importance):
         if not parts:
             return self._fallback.score_cuts(cuts)
         return torch.stack(parts).sum(0)
-
-    def reset(self) -> None:
-        """Clear the statistics and the ``.grad`` carriers."""
-        if self._model is not None:
-            for p in self._model.parameters():
-                p.grad = None
-        self._model = None
-        self._acc = {}
-        self.steps = 0
-
-    def state_dict(self) -> dict[str, Any]:
-        """The accumulated statistics (CPU copies) and the number of steps."""
-        return {"acc": {k: v.detach().cpu().clone() for k, v in self._acc.items()}, "steps": self.steps}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore statistics saved by :meth:`state_dict`."""
-        self._acc = {str(k): v.clone() for k, v in dict(state.get("acc", {})).items()}
-        self.steps = int(state.get("steps", 0))
 
 
 class ActivationImportance(Importance):
