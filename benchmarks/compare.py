@@ -170,37 +170,48 @@ def loaders(train: TensorDataset, val: TensorDataset) -> tuple[DataLoader, DataL
     return DataLoader(train, batch_size=64, shuffle=True), DataLoader(val, batch_size=256)
 
 
-def mnist_tp_loop(
-    model: pl.LightningModule, args: argparse.Namespace, root: str, tl: DataLoader, vl: DataLoader
-) -> None:
-    """Torch-Pruning's README loop on the CNN: train, ``MetaPruner`` steps to the MACs, new optimizer, fine-tune."""
-    import torch_pruning as tp
-
-    first = args.prune_epoch + 1
-    trainer(first, [], root).fit(model, tl, vl)
-    model.eval()
-    example = torch.zeros(1, 1, 28, 28)
-    dense_macs, _ = tp.utils.count_ops_and_params(model, example)
-    pruner = tp.pruner.MetaPruner(
-        model,
-        example,
-        importance=tp.importance.MagnitudeImportance(p=2),
-        pruning_ratio=0.9,
-        iterative_steps=50,
-        ignored_layers=[model.classifier[-1]],  # type: ignore[index]
-    )
-    for _ in range(50):
-        pruner.step()
-        macs, _ = tp.utils.count_ops_and_params(model, example)
-        if macs <= (1 - args.fraction) * dense_macs:
-            break
-    model.train()
-    # A new optimizer and schedule (configure_optimizers runs again) for the rest of the budget.
-    trainer(args.epochs - first, [], root + "/ft").fit(model, tl, vl)
-
-
 #: ``(model, ratio, iterative steps) ->`` a Torch-Pruning ``MetaPruner`` of that model.
 MakePruner = Callable[[torch.nn.Module, float, int], Any]
+
+
+TpLoop = Callable[[pl.LightningModule, argparse.Namespace, str, DataLoader, DataLoader], None]
+
+
+def torch_pruning_loop(
+    make: MakePruner,
+    example: Any,
+    macs: Callable[[torch.nn.Module, Any], float] | None = None,
+    **trainer_kwargs: Any,
+) -> TpLoop:
+    """Torch-Pruning's README loop as a task's ``tp_loop``: train ``--prune-epoch + 1`` epochs, step a 50-step
+    ``MetaPruner`` (ratio 0.9) at once until the MACs (``macs``, default the library's count) are at most
+    ``1 - --fraction`` of dense, then a new optimizer and schedule (``configure_optimizers`` runs again) and
+    fine-tuning for the rest of the budget."""
+    count = macs or (lambda model, x: float(count_macs(model, x).total))
+
+    def loop(
+        model: pl.LightningModule, args: argparse.Namespace, root: str, tl: DataLoader, vl: DataLoader
+    ) -> None:
+        first = args.prune_epoch + 1
+        trainer(first, [], root, **trainer_kwargs).fit(model, tl, vl)
+        model.eval()
+        dense = count(model, example)
+        pruner = make(model, 0.9, 50)
+        for _ in range(50):
+            pruner.step()
+            if count(model, example) <= (1 - args.fraction) * dense:
+                break
+        model.train()
+        trainer(args.epochs - first, [], root + "/ft", **trainer_kwargs).fit(model, tl, vl)
+
+    return loop
+
+
+def _tp_macs(model: torch.nn.Module, example: Any) -> float:
+    """Torch-Pruning's own MAC count (the README loop's)."""
+    import torch_pruning as tp
+
+    return float(tp.utils.count_ops_and_params(model, example)[0])
 
 
 def search_ratio(model: torch.nn.Module, example: Any, fraction: float, make: MakePruner) -> float:
@@ -308,7 +319,7 @@ def mnist_task(quick: bool = False) -> CompareTask:
         latency_batch=64,
         epochs=2 if quick else 4,
         prune_epoch=0 if quick else 1,
-        tp_loop=mnist_tp_loop,
+        tp_loop=torch_pruning_loop(mnist_pruner, torch.zeros(1, 1, 28, 28), macs=_tp_macs),
         tp_iterative=mnist_tp_iterative,
         quick=None if quick else lambda: mnist_task(quick=True),
     )
@@ -476,36 +487,24 @@ def causal_lm_task(quick: bool = False) -> CompareTask:
             reason = f"not possible: `{attempt['stage']}` failed: {attempt.get('error')}"
         return {"status": reason, "attempt": attempt}
 
-    def tp_loop(
-        model: pl.LightningModule, args: argparse.Namespace, root: str, tl: DataLoader, vl: DataLoader
-    ) -> None:
-        """Torch-Pruning's LLM example as a loop: train, MetaPruner steps to the MACs, new optimizer, fine-tune.
-
-        Runs only after :func:`torch_pruning_llama_attempt` finished, which it never has with torch-pruning
-        1.6.1 and transformers 5.25: this body is not exercised yet.
-        """
-        first = args.prune_epoch + 1
-        trainer(first, [], root, **task.trainer).fit(model, tl, vl)
-        model.eval()
-        example = task.example()
-        dense_macs = count_macs(model, example).total
-        pruner = llama_meta_pruner(model, example, 0.9, iterative_steps=50)
-        for _ in range(50):
-            pruner.step()
-            if count_macs(model, example).total <= (1 - args.fraction) * dense_macs:
-                break
-        model.train()
-        trainer(args.epochs - first, [], root + "/ft", **task.trainer).fit(model, tl, vl)
+    example = torch.full((1, length), ord("a"), dtype=torch.long)
+    # Torch-Pruning's LLM example as a loop. Runs only after `torch_pruning_llama_attempt` finished, which it
+    # never has with torch-pruning 1.6.1 and transformers 5.25: not exercised yet.
+    tp_loop = torch_pruning_loop(
+        lambda model, ratio, steps: llama_meta_pruner(model, example, ratio, iterative_steps=steps),
+        example,
+        **spec.trainer,
+    )
 
     val_loader = lm_data(0, 1, **data_args)[1]
-    task = CompareTask(
+    return CompareTask(
         name="causal_lm",
         metric="val_ppl",
         mode="min",
         new_model=spec.build,
         data=lambda seed: lm_data(seed, 1, **data_args),
         evaluate=lambda model: lm_perplexity(model, val_loader),
-        example=lambda: torch.full((1, length), ord("a"), dtype=torch.long),
+        example=lambda: example,
         latency_batch=16,
         epochs=2 if quick else 4,
         prune_epoch=0 if quick else 1,
@@ -515,7 +514,6 @@ def causal_lm_task(quick: bool = False) -> CompareTask:
         hp={"mode": "min"},
         quick=None if quick else lambda: causal_lm_task(quick=True),
     )
-    return task
 
 
 # ---------------------------------------------------------------------- text
@@ -580,22 +578,6 @@ def text_task(quick: bool = False) -> CompareTask:
     def make(model: torch.nn.Module, ratio: float, steps: int) -> Any:
         return minilm_pruner(model, ratio, steps, example)
 
-    def tp_loop(
-        model: pl.LightningModule, args: argparse.Namespace, root: str, tl: DataLoader, vl: DataLoader
-    ) -> None:
-        """Torch-Pruning's BERT example as a loop: train, ``MetaPruner`` steps to the MACs, new optimizer, fine-tune."""
-        first = args.prune_epoch + 1
-        trainer(first, [], root).fit(model, tl, vl)
-        model.eval()
-        dense_macs = count_macs(model, example).total
-        pruner = make(model, 0.9, 50)
-        for _ in range(50):
-            pruner.step()
-            if count_macs(model, example).total <= (1 - args.fraction) * dense_macs:
-                break
-        model.train()
-        trainer(args.epochs - first, [], root + "/ft").fit(model, tl, vl)
-
     def tp_iterative(model: pl.LightningModule, args: argparse.Namespace) -> pl.Callback:
         return IterativeMetaPruning(example, args.fraction, list(range(args.epochs // 2 + 1)), make)
 
@@ -610,7 +592,7 @@ def text_task(quick: bool = False) -> CompareTask:
         latency_batch=32,
         epochs=2 if quick else 3,
         prune_epoch=0,
-        tp_loop=tp_loop,
+        tp_loop=torch_pruning_loop(make, example),
         tp_iterative=tp_iterative,
         quick=None if quick else lambda: text_task(quick=True),
     )
