@@ -28,6 +28,15 @@ from lightning_hprune.core.importance import Importance
 _SLICER = tp_fn.LinearPruner()
 
 
+def outermost_hf_model(model: nn.Module) -> tuple[str, nn.Module, str] | None:
+    """The outermost Hugging Face model in ``model``: its name, the module and its ``config.model_type``."""
+    for name, module in model.named_modules():
+        model_type = getattr(getattr(module, "config", None), "model_type", None)
+        if isinstance(model_type, str) and hasattr(module, "base_model_prefix"):
+            return name, module, model_type
+    return None
+
+
 @dataclass(frozen=True, eq=False)
 class Slot:
     """One place where units can be removed.

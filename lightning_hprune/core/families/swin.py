@@ -54,6 +54,7 @@ from lightning_hprune.core.families.base import (
     Slot,
     fix_attributes,
     norm_cuts,
+    outermost_hf_model,
     proj_cuts,
 )
 from lightning_hprune.core.families.pretrained import guard_save_pretrained
@@ -156,18 +157,15 @@ class SwinFamily(Family):
     @classmethod
     def detect(cls, model: nn.Module) -> SwinFamily | None:
         """The outermost Hugging Face model of ``model_type == "swin"`` holding a ``SwinModel``, if any."""
-        for name, module in model.named_modules():
-            model_type = getattr(getattr(module, "config", None), "model_type", None)
-            if not isinstance(model_type, str) or not hasattr(module, "base_model_prefix"):
-                continue
-            if model_type != "swin":
-                return None
-            base = "swin." if isinstance(module._modules.get("swin"), nn.Module) else ""
-            core = module.get_submodule(base[:-1]) if base else module
-            if not _fits(core):
-                return None  # a Swin backbone (per-stage norms) or another head: the traced graph handles it
-            return cls(prefix=f"{name}." if name else "", base=base, hf=module)
-        return None
+        found = outermost_hf_model(model)
+        if found is None or found[2] != "swin":
+            return None
+        name, module, _ = found
+        base = "swin." if isinstance(module._modules.get("swin"), nn.Module) else ""
+        core = module.get_submodule(base[:-1]) if base else module
+        if not _fits(core):
+            return None  # a Swin backbone (per-stage norms) or another head: the traced graph handles it
+        return cls(prefix=f"{name}." if name else "", base=base, hf=module)
 
     # ------------------------------------------------------------------ reading the structure
     @property

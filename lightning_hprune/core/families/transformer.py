@@ -43,7 +43,14 @@ from typing import Any
 import torch.nn as nn
 
 from lightning_hprune.core.cuts import Cut
-from lightning_hprune.core.families.base import Family, FamilyGroup, Slot, fix_attributes, proj_cuts
+from lightning_hprune.core.families.base import (
+    Family,
+    FamilyGroup,
+    Slot,
+    fix_attributes,
+    outermost_hf_model,
+    proj_cuts,
+)
 from lightning_hprune.core.families.pretrained import guard_save_pretrained
 from lightning_hprune.core.graph import PruningError
 
@@ -438,25 +445,19 @@ class TransformerFamily(Family):
     @classmethod
     def detect(cls, model: nn.Module) -> TransformerFamily | None:
         """The outermost Hugging Face model with a known ``config.model_type``, if any."""
-        for name, module in model.named_modules():
-            config = getattr(module, "config", None)
-            model_type = getattr(config, "model_type", None)
-            if not isinstance(model_type, str) or not hasattr(module, "base_model_prefix"):
-                continue
-            prefix = getattr(module, "base_model_prefix", "")
-            base = f"{prefix}." if prefix and prefix in module._modules else ""
-            # The first layout of this model type whose layer list and first layer's parts exist (T5 comes with
-            # a plain or a gated FFN).
-            for layout in (lay for lay in LAYOUTS if model_type in lay.model_types):
-                if _fits(module, layout, base):
-                    return cls(
-                        layout=layout,
-                        prefix=f"{name}." if name else "",
-                        base=base,
-                        hf=module,
-                        name=model_type,
-                    )
+        found = outermost_hf_model(model)
+        if found is None:
             return None
+        name, module, model_type = found
+        prefix = getattr(module, "base_model_prefix", "")
+        base = f"{prefix}." if prefix and prefix in module._modules else ""
+        # The first layout of this model type whose layer list and first layer's parts exist (T5 comes with
+        # a plain or a gated FFN).
+        for layout in (lay for lay in LAYOUTS if model_type in lay.model_types):
+            if _fits(module, layout, base):
+                return cls(
+                    layout=layout, prefix=f"{name}." if name else "", base=base, hf=module, name=model_type
+                )
         return None
 
     # ------------------------------------------------------------------ reading the structure
