@@ -60,7 +60,7 @@ from lightning_hprune.core.measure import count_macs  # noqa: E402
 
 CRITERIA: dict[str, Callable[[int], Importance]] = {
     "random": lambda seed: RandomImportance(seed=seed),
-    "l2 (default)": lambda seed: MagnitudeImportance(p=2),
+    "l2": lambda seed: MagnitudeImportance(p=2),
     "l1": lambda seed: MagnitudeImportance(p=1),
     "taylor": lambda seed: TaylorImportance(),
     "group_taylor": lambda seed: GroupTaylorImportance(),
@@ -72,15 +72,15 @@ CRITERIA: dict[str, Callable[[int], Importance]] = {
 DEFAULTS = {
     "mnist": [
         "random",
-        "l2 (default)",
+        "l2",
         "taylor",
         "group_taylor",
         "activation",
         "activation_weighted",
         "bn_scale",
     ],
-    "causal_lm": ["random", "l2 (default)", "taylor", "group_taylor", "activation_weighted"],
-    "text": ["random", "l2 (default)", "taylor", "group_taylor", "activation_weighted"],
+    "causal_lm": ["random", "l2", "taylor", "group_taylor", "activation_weighted"],
+    "text": ["random", "l2", "taylor", "group_taylor", "activation_weighted"],
 }
 FRACTION = {"mnist": 0.75, "causal_lm": 0.5, "text": 0.5}
 
